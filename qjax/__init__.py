@@ -1,0 +1,6 @@
+"""qjax: quantization-aware experimentation for JAX and Flax."""
+
+from qjax import numerics, ops
+from qjax.numerics import QArray, QuantSpec, fake_quant, per_axis, per_block, per_channel, per_group, per_tensor, per_token
+
+__version__ = "0.1.0"

@@ -1,0 +1,272 @@
+"""Quantized `dot_general` and `einsum`: drop-ins for `jax.lax.dot_general` / `jnp.einsum`.
+
+Two paths share one set of specs:
+  - fake ("fake"): quantize→dequantize each operand (differentiable, straight-through), float dot.
+  - integer ("int"): int8×int8→int32 dots (`preferred_element_type=jnp.int32`) over blocks of the
+    contraction axis within which both operands' scales are constant, then float rescale and sum
+    over blocks; zero points are handled with exact int32 correction terms.
+Operands may be plain arrays (quantized on the fly with `lhs_spec`/`rhs_spec`) or ready `QArray`s
+(e.g. PTQ weights). An operand with neither stays in float (weight-only / activation-only schemes).
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from collections.abc import Sequence
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qjax.numerics import QArray, QuantSpec, fake_quant, quantize
+
+Mode = Literal["fake", "int"]
+DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
+
+
+def dot_general(
+    lhs,
+    rhs,
+    dimension_numbers: DimensionNumbers,
+    precision=None,
+    preferred_element_type=None,
+    *,
+    lhs_spec: QuantSpec | None = None,
+    rhs_spec: QuantSpec | None = None,
+    mode: Mode = "fake",
+    lhs_key: jax.Array | None = None,
+    rhs_key: jax.Array | None = None,
+    gradient: str = "ste",
+) -> jax.Array:
+    """`jax.lax.dot_general` with quantized operands (see the module docstring for the two paths)."""
+    if mode not in ("fake", "int"):
+        raise ValueError(f"mode must be 'fake' or 'int', got {mode!r}")
+    out_dtype = preferred_element_type or _float_dtype(lhs, rhs)
+    if mode == "fake":
+        a = _fake_operand(lhs, lhs_spec, lhs_key, gradient, "lhs")
+        b = _fake_operand(rhs, rhs_spec, rhs_key, gradient, "rhs")
+        return jax.lax.dot_general(a, b, dimension_numbers, precision, preferred_element_type=out_dtype)
+    a = _int_operand(lhs, lhs_spec, lhs_key)
+    b = _int_operand(rhs, rhs_spec, rhs_key)
+    if isinstance(a, QArray) and isinstance(b, QArray) and _integer_ok(a) and _integer_ok(b):
+        return integer_dot_general(a, b, dimension_numbers, out_dtype)
+    # One side float (weight-only W4A16-style, or a non-integer format): dequantize, float dot.
+    a = a.dequantize(out_dtype) if isinstance(a, QArray) else a
+    b = b.dequantize(out_dtype) if isinstance(b, QArray) else b
+    return jax.lax.dot_general(a, b, dimension_numbers, precision, preferred_element_type=out_dtype)
+
+
+def _float_dtype(*xs):
+    dtypes = [x.dtype if not isinstance(x, QArray) else jnp.dtype(x.dtype) for x in xs]
+    return jnp.result_type(*[d for d in dtypes if jnp.issubdtype(d, jnp.floating)] or [jnp.float32])
+
+
+def _fake_operand(x, spec, key, gradient, name):
+    if isinstance(x, QArray):
+        if spec is not None:
+            raise ValueError(f"{name} is already a QArray; do not pass {name}_spec as well")
+        return x.dequantize()
+    if spec is None:
+        return x
+    return fake_quant(x, spec, key=key, gradient=gradient)
+
+
+def _int_operand(x, spec, key):
+    if isinstance(x, QArray) or spec is None:
+        return x
+    return quantize(x, spec, key=key)
+
+
+def _integer_ok(q: QArray) -> bool:
+    return q.format.kind == "int" and q.format.bits <= 8
+
+
+# ---- the integer path -----------------------------------------------------------------------------
+
+
+def integer_dot_general(lhs: QArray, rhs: QArray, dimension_numbers: DimensionNumbers, out_dtype=jnp.float32) -> jax.Array:
+    """Exact integer accumulation of two integer QArrays, rescaled in float32.
+
+    Equals `dot_general(lhs.dequantize(), rhs.dequantize())` up to float32 rounding of the rescale.
+    """
+    (lc, rc), (lb, rb) = [[tuple(a % q.ndim for a in axes) for axes, q in zip(pair, (lhs, rhs))] for pair in dimension_numbers]
+    lf = tuple(a for a in range(lhs.ndim) if a not in lc and a not in lb)
+    rf = tuple(a for a in range(rhs.ndim) if a not in rc and a not in rb)
+    for i, j in zip(lc, rc):
+        if lhs.shape[i] != rhs.shape[j]:
+            raise ValueError(f"contracting dims differ: lhs axis {i} has {lhs.shape[i]}, rhs axis {j} has {rhs.shape[j]}")
+
+    # Within a block of g contraction elements both operands' scales must be constant.
+    grouped = [(i, j) for i, j in zip(lc, rc) if _n_tiles(lhs, i) > 1 or _n_tiles(rhs, j) > 1]
+    if len(grouped) > 1:
+        raise NotImplementedError("integer dot: at most one contracting axis may carry sub-channel groups")
+    # Put the grouped contracting axis last so that flattening keeps its blocks contiguous.
+    pairs = [p for p in zip(lc, rc) if p not in grouped] + grouped
+    lc, rc = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+    if grouped:
+        i, j = grouped[0]
+        constrained = [t for q, a in ((lhs, i), (rhs, j)) if _n_tiles(q, a) > 1 for t in [q.tiles[a]]]
+        g = math.gcd(*constrained)
+        kl = lhs.padded_shape[i] if _n_tiles(lhs, i) > 1 else lhs.shape[i]
+        kr = rhs.padded_shape[j] if _n_tiles(rhs, j) > 1 else rhs.shape[j]
+        k_last = max(kl, kr)
+    else:
+        g, k_last = None, None
+
+    a_vals, a_scale, a_zp = _canonical(lhs, lb, lf, lc, k_last, g, contract_first=False)
+    b_vals, b_scale, b_zp = _canonical(rhs, rb, rf, rc, k_last, g, contract_first=True)
+    # a: (B, M, G, g) int8, scales (B, M, G); b: (B, G, g, N) int8, scales (B, G, N)
+    acc = jax.lax.dot_general(
+        a_vals, b_vals, (((3,), (2,)), ((0, 2), (0, 1))), preferred_element_type=jnp.int32
+    )  # (B, G, M, N)
+    block = a_vals.shape[3]
+    if b_zp is not None:
+        acc = acc - jnp.sum(a_vals, axis=3, dtype=jnp.int32).transpose(0, 2, 1)[..., None] * b_zp[:, :, None, :]
+    if a_zp is not None:
+        acc = acc - a_zp.transpose(0, 2, 1)[..., None] * jnp.sum(b_vals, axis=2, dtype=jnp.int32)[:, :, None, :]
+    if a_zp is not None and b_zp is not None:
+        acc = acc + block * a_zp.transpose(0, 2, 1)[..., None] * b_zp[:, :, None, :]
+    scaled = acc.astype(jnp.float32) * a_scale.transpose(0, 2, 1)[..., None] * b_scale[:, :, None, :]
+    out = jnp.sum(scaled, axis=1)  # (B, M, N)
+    out_shape = [lhs.shape[a] for a in lb] + [lhs.shape[a] for a in lf] + [rhs.shape[a] for a in rf]
+    return out.reshape(out_shape).astype(out_dtype)
+
+
+def _n_tiles(q: QArray, axis: int) -> int:
+    return q.scale_shape[axis]
+
+
+def _int8_codes(q: QArray) -> tuple[jax.Array, jax.Array | None]:
+    """Codes as int8 and zero points as int32; uint8 is recentred by -128 (and its zero point with it)."""
+    codes = q.codes()
+    zp = None if q.zero_point is None else q.zero_point.astype(jnp.int32)
+    if q.format.signed or q.format.bits < 8:
+        return codes.astype(jnp.int8), zp
+    centred = (codes.astype(jnp.int32) - 128).astype(jnp.int8)
+    return centred, (jnp.full(q.scale_shape, -128, jnp.int32) if zp is None else zp - 128)
+
+
+def _canonical(q: QArray, batch, free, contract, k_last, g, contract_first):
+    """Lay q out as (B, M, G, g) [lhs] or (B, G, g, N) [rhs], with per-(B, M|N, G) scales and zero points."""
+    codes, zp = _int8_codes(q)
+    scale = q.scale.astype(jnp.float32)
+
+    def expand(arr, axis, length_out, per_block):
+        """Map a per-tile array along `axis` to per-element (free/batch) or per-block (contract) values."""
+        t, n = q.tiles[axis], arr.shape[axis]
+        if per_block is None:
+            return jnp.repeat(arr, t, axis=axis, total_repeat_length=n * t)[_take(arr.ndim, axis, length_out)]
+        idx = np.minimum(np.arange(length_out) * per_block // t, n - 1)
+        return jnp.take(arr, idx, axis=axis)
+
+    # Values: slice batch/free axes to the true shape; pad contracting axes to a common length.
+    vals = codes[tuple(slice(0, q.shape[a]) if a in batch or a in free else slice(None) for a in range(q.ndim))]
+    pads = [(0, 0)] * q.ndim
+    for a in contract:
+        target = q.shape[a] if (k_last is None or a != contract[-1]) else k_last
+        vals = vals[_take(q.ndim, a, min(target, vals.shape[a]))]
+        pads[a] = (0, target - vals.shape[a])
+    vals = jnp.pad(vals, pads)  # zero fill is exact: the other operand is zero there after its zero point
+
+    def per_axis_params(arr):
+        for a in batch + free:
+            arr = expand(arr, a, q.shape[a], None)
+        if g is not None:
+            a = contract[-1]
+            arr = expand(arr, a, vals.shape[a] // g, g)
+        return arr
+
+    scale = per_axis_params(scale)
+    zp = None if zp is None else per_axis_params(zp)
+    n_blocks = vals.shape[contract[-1]] // g if g is not None else 1
+    block = math.prod(vals.shape[a] for a in contract) // n_blocks
+
+    bsz = math.prod(q.shape[a] for a in batch)
+    fsz = math.prod(q.shape[a] for a in free)
+    # Contract axes other than the last have a single scale tile: move it to size-1 and drop it.
+    order = batch + free + contract
+    vals = vals.transpose(order).reshape(bsz, fsz, n_blocks, block)
+    scale = _params_layout(scale, batch, free, contract, bsz, fsz, n_blocks)
+    zp = None if zp is None else _params_layout(zp, batch, free, contract, bsz, fsz, n_blocks)
+    if contract_first:
+        return vals.transpose(0, 2, 3, 1), scale.transpose(0, 2, 1), None if zp is None else zp.transpose(0, 2, 1)
+    return vals, scale, zp
+
+
+def _params_layout(p, batch, free, contract, bsz, fsz, n_blocks):
+    """(per-axis params) → (B, M, G): other contract axes have one tile and are squeezed out."""
+    p = p.transpose(batch + free + contract)
+    lead = p.shape[: len(batch) + len(free)]
+    p = p.reshape(*lead, -1)  # contract axes: only the last can have more than one entry
+    return jnp.broadcast_to(p.reshape(bsz, fsz, -1), (bsz, fsz, n_blocks))
+
+
+def _take(ndim: int, axis: int, length: int):
+    return tuple(slice(0, length) if a == axis else slice(None) for a in range(ndim))
+
+
+# ---- einsum ---------------------------------------------------------------------------------------
+
+
+def einsum(
+    subscripts: str,
+    lhs,
+    rhs,
+    *,
+    lhs_spec: QuantSpec | None = None,
+    rhs_spec: QuantSpec | None = None,
+    mode: Mode = "fake",
+    preferred_element_type=None,
+    lhs_key: jax.Array | None = None,
+    rhs_key: jax.Array | None = None,
+    gradient: str = "ste",
+) -> jax.Array:
+    """Two-operand `jnp.einsum` with quantized operands, lowered to one quantized `dot_general`.
+
+    Specs refer to the operands' own axes, so quantization is independent of how the einsum is lowered.
+    """
+    ins, out = _parse_einsum(subscripts, _ndim(lhs), _ndim(rhs))
+    (l_in, r_in) = ins
+    batch = [c for c in l_in if c in r_in and c in out]
+    contract = [c for c in l_in if c in r_in and c not in out]
+    for side, other, name in ((l_in, r_in, "lhs"), (r_in, l_in, "rhs")):
+        lonely = [c for c in side if c not in other and c not in out]
+        if lonely:
+            raise NotImplementedError(f"einsum {subscripts!r}: {name} index {lonely} is summed alone; reduce it first")
+    dims = (
+        (tuple(l_in.index(c) for c in contract), tuple(r_in.index(c) for c in contract)),
+        (tuple(l_in.index(c) for c in batch), tuple(r_in.index(c) for c in batch)),
+    )
+    y = dot_general(
+        lhs, rhs, dims, preferred_element_type=preferred_element_type, lhs_spec=lhs_spec, rhs_spec=rhs_spec,
+        mode=mode, lhs_key=lhs_key, rhs_key=rhs_key, gradient=gradient,
+    )  # fmt: skip
+    produced = batch + [c for c in l_in if c not in r_in] + [c for c in r_in if c not in l_in]
+    return jnp.transpose(y, [produced.index(c) for c in out])
+
+
+def _ndim(x) -> int:
+    return x.ndim
+
+
+def _parse_einsum(subscripts: str, ndim_l: int, ndim_r: int) -> tuple[tuple[str, str], str]:
+    s = subscripts.replace(" ", "")
+    if "->" not in s:
+        raise ValueError(f"einsum {subscripts!r}: qjax needs an explicit output ('ab,bc->ac')")
+    lhs_rhs, out = s.split("->")
+    parts = lhs_rhs.split(",")
+    if len(parts) != 2:
+        raise ValueError(f"einsum {subscripts!r}: exactly two operands are supported")
+    if "..." in s:
+        spare = [c for c in string.ascii_letters if c not in s]
+        k_l = ndim_l - (len(parts[0]) - 3) if "..." in parts[0] else 0
+        k_r = ndim_r - (len(parts[1]) - 3) if "..." in parts[1] else 0
+        ell = "".join(spare[: max(k_l, k_r)])
+        parts = [parts[0].replace("...", ell[len(ell) - k_l :]), parts[1].replace("...", ell[len(ell) - k_r :])]
+        out = out.replace("...", ell)
+    for p, nd, name in ((parts[0], ndim_l, "lhs"), (parts[1], ndim_r, "rhs")):
+        if len(p) != nd:
+            raise ValueError(f"einsum {subscripts!r}: {name} has rank {nd} but {len(p)} indices")
+    return (parts[0], parts[1]), out
