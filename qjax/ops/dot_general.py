@@ -59,8 +59,9 @@ def dot_general(
 
 
 def _float_dtype(*xs):
-    dtypes = [x.dtype if not isinstance(x, QArray) else jnp.dtype(x.dtype) for x in xs]
-    return jnp.result_type(*[d for d in dtypes if jnp.issubdtype(d, jnp.floating)] or [jnp.float32])
+    """Output dtype: that of the float operands (activations) if any, else of the QArrays' sources."""
+    plain = [x.dtype for x in xs if not isinstance(x, QArray) and jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.result_type(*(plain or [jnp.dtype(x.dtype) for x in xs if isinstance(x, QArray)] or [jnp.float32]))
 
 
 def _fake_operand(x, spec, key, gradient, name):

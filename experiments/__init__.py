@@ -1,0 +1,1 @@
+"""qjax.experiments: calibration, outlier methods, decomposition, finetuning, the runner."""

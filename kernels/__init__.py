@@ -1,0 +1,1 @@
+"""qjax.kernels: Pallas GPU kernels (interpret mode on CPU)."""
