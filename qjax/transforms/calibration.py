@@ -1,0 +1,76 @@
+"""Range observers for calibration: pure functions from (stats, batch) to new stats, and stats to scales.
+
+Stats are a dict {min, max, count} of float32 arrays, per tensor (shape ()) or per feature (shape (F,)).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from qjax.numerics import QuantSpec
+
+
+def stat_shape(spec: QuantSpec, features: int) -> tuple[int, ...]:
+    """Shape of calibration statistics for an activation spec: () per-tensor, (F,) per-feature."""
+    g = spec.granularity
+    if g.rest == "reduce" and not g.tiles:
+        return ()
+    if g.rest == "reduce" and len(g.tiles) == 1 and g.tiles[0] == (-1, 1):
+        return (features,)
+    raise ValueError(
+        f"static activation scales need per_tensor() or per_axis(-1) granularity, got {g}; "
+        "use dynamic scales (static_act=False) for per-token or grouped activations"
+    )
+
+
+def init_stats(shape: tuple[int, ...]) -> dict[str, jnp.ndarray]:
+    return {
+        "min": jnp.full(shape, jnp.inf, jnp.float32),
+        "max": jnp.full(shape, -jnp.inf, jnp.float32),
+        "count": jnp.zeros((), jnp.float32),
+    }
+
+
+def observe(stats: dict, x: jnp.ndarray, observer: str, ema_decay: float = 0.01, percentile: float = 99.99) -> dict:
+    """Fold one batch `x` (..., F) into the running statistics."""
+    per_feature = stats["min"].ndim == 1
+    flat = x.astype(jnp.float32).reshape(-1, x.shape[-1]) if per_feature else x.astype(jnp.float32).reshape(-1)
+    if observer == "percentile":
+        lo = jnp.percentile(flat, 100 - percentile, axis=0)
+        hi = jnp.percentile(flat, percentile, axis=0)
+    else:
+        lo, hi = jnp.min(flat, axis=0), jnp.max(flat, axis=0)
+    n = stats["count"]
+    first = n == 0
+    if observer == "minmax":
+        new_lo, new_hi = jnp.minimum(stats["min"], lo), jnp.maximum(stats["max"], hi)
+    elif observer == "ema":
+        new_lo = jnp.where(first, lo, (1 - ema_decay) * stats["min"] + ema_decay * lo)
+        new_hi = jnp.where(first, hi, (1 - ema_decay) * stats["max"] + ema_decay * hi)
+    elif observer == "percentile":  # running mean of per-batch percentiles
+        new_lo = jnp.where(first, lo, (stats["min"] * n + lo) / (n + 1))
+        new_hi = jnp.where(first, hi, (stats["max"] * n + hi) / (n + 1))
+    else:
+        raise ValueError(f"unknown observer {observer!r}")
+    return {"min": new_lo, "max": new_hi, "count": n + 1}
+
+
+def scale_from_stats(stats: dict, spec: QuantSpec) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+    """Static scale (and zero point) from calibrated statistics, as the spec's range rule would give."""
+    if bool(jnp.any(stats["count"] == 0)):
+        raise ValueError("no calibration statistics: run the model in 'calibrate' mode on some batches first")
+    fmt = spec.format
+    lo = jnp.minimum(stats["min"], 0.0) * spec.clip_ratio
+    hi = jnp.maximum(stats["max"], 0.0) * spec.clip_ratio
+    if spec.symmetric:
+        amax = jnp.maximum(-lo, hi)
+        return jnp.where(amax > 0, amax / fmt.max_value, 1.0).astype(jnp.float32), None
+    scale = jnp.where(hi > lo, (hi - lo) / (fmt.qmax - fmt.qmin), 1.0).astype(jnp.float32)
+    zp = jnp.clip(jnp.round(fmt.qmin - lo / scale), fmt.qmin, fmt.qmax).astype(fmt.storage_dtype)
+    return scale, zp
+
+
+def broadcast_static(param: jnp.ndarray, ndim: int) -> jnp.ndarray:
+    """A per-tensor () or per-feature (F,) static parameter in the compact tile shape of an ndim input."""
+    return param.reshape((1,) * (ndim - param.ndim) + tuple(param.shape))
+

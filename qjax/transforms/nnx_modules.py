@@ -1,0 +1,341 @@
+"""Quantized Flax NNX modules that replace Linear / Einsum / Conv / Embed, and a `dot_general` hook.
+
+Each holds the original parameters plus quantization state as NNX variables:
+  - `QuantStat`: calibration statistics of the input activation (calibrate mode),
+  - `StaticScale`: activation scale/zero point frozen from those statistics (ptq/serve, static_act),
+  - `QuantizedWeight`: the packed `QArray` weight (ptq/serve),
+  - `LearnedScale` (an `nnx.Param`): LSQ weight scales (qat with gradient="lsq").
+The mode decides the arithmetic: qat = fake quant with STE/LSQ; calibrate = float forward + observers;
+ptq = packed weights dequantized on the fly, activations fake-quantized (static or dynamic scales);
+serve = integer path (int8×int8→int32; the Pallas kernels on GPU when available).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import qjax.ops as qo
+from qjax.numerics import QArray, QuantSpec, fake_quant, init_lsq_scale, quantize
+from qjax.transforms import calibration
+from qjax.transforms.apply import matmul_mode, quantize_activation, quantize_weight
+from qjax.transforms.recipe import Rule
+
+
+class QuantStat(nnx.Variable):
+    """Calibration statistics ({min, max, count}) of an activation."""
+
+
+class StaticScale(nnx.Variable):
+    """A frozen activation scale (and zero point) computed from calibration statistics."""
+
+
+class QuantizedWeight(nnx.Variable):
+    """A weight stored as a packed QArray."""
+
+
+class LearnedScale(nnx.Param):
+    """A learnable (LSQ) quantization scale; trained with the other parameters."""
+
+
+# ---- gradient quantization ---------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def quantize_gradient(y: jax.Array, spec: QuantSpec) -> jax.Array:
+    """Identity forward; the cotangent is fake-quantized with `spec` in the backward pass."""
+    return y
+
+
+def _qg_fwd(y, spec):
+    return y, None
+
+
+def _qg_bwd(spec, _, g):
+    return (fake_quant(g, spec),)
+
+
+quantize_gradient.defvjp(_qg_fwd, _qg_bwd)
+
+
+# ---- shared machinery -----------------------------------------------------------------------------------
+
+
+def _vmap_leading(fn, x: jax.Array, n_leading: int):
+    """Apply `fn` to the trailing dims of `x`, mapped over `n_leading` stacked (e.g. scanned-layer) axes."""
+    for _ in range(n_leading):
+        fn = jax.vmap(fn)
+    return fn(x)
+
+
+class QuantizedOp(nnx.Module):
+    """Common state and activation/weight handling for every quantized op."""
+
+    def _init_quant(self, rule: Rule, mode: str, path: str, features: int, weight_ndim: int, n_stacked: int):
+        self.rule, self.mode, self.path = rule, mode, path
+        self.weight_ndim, self.n_stacked = weight_ndim, n_stacked
+        self.act_stats = nnx.data(None)
+        self.act_scale = nnx.data(None)
+        self.weight_scale = nnx.data(None)
+        if rule.act is not None and (rule.static_act or mode == "calibrate"):
+            stack = self._stack_shape()  # stacked (scanned) layers get one set of statistics each
+            stats = calibration.init_stats(calibration.stat_shape(rule.act, features))
+            self.act_stats = QuantStat(jax.tree.map(lambda a: jnp.broadcast_to(a, stack + a.shape), stats))
+
+    def _stack_shape(self) -> tuple[int, ...]:
+        return tuple(self._float_kernel().shape[: self.n_stacked]) if self.n_stacked else ()
+
+    def _float_kernel(self) -> jax.Array:
+        value = self.kernel.get_value()
+        return value if not isinstance(value, QArray) else value.dequantize()
+
+    # -- operands
+    def _activation(self, x: jax.Array):
+        rule, mode = self.rule, self.mode
+        if rule.act is not None and mode == "calibrate":
+            stats = self.act_stats.get_value()
+            self.act_stats.set_value(calibration.observe(stats, x, rule.observer, rule.ema_decay, rule.percentile))
+        scale = zp = None
+        if rule.act is not None and rule.static_act and mode in ("ptq", "serve"):
+            if self.act_scale is None:
+                raise ValueError(f"{self.path}: static activation scales are not set; calibrate, then convert to {mode!r}")
+            s = self.act_scale.get_value()
+            scale = calibration.broadcast_static(s["scale"], x.ndim)
+            zp = None if s["zero_point"] is None else calibration.broadcast_static(s["zero_point"], x.ndim)
+        return quantize_activation(x, rule, mode, scale, zp)
+
+    def _weight(self, w=None):
+        learned = None if self.weight_scale is None else self.weight_scale.get_value()
+        return quantize_weight(self.kernel.get_value() if w is None else w, self.rule, self.mode, learned)
+
+    def _output(self, y: jax.Array) -> jax.Array:
+        return y if self.rule.backward is None else quantize_gradient(y, self.rule.backward)
+
+    def _matmul_mode(self) -> str:
+        return matmul_mode(self.mode)
+
+    # -- conversion between modes
+    def convert(self, mode: str) -> None:
+        """Move this op to `mode` in place (packing weights and freezing static scales as needed)."""
+        rule, old = self.rule, self.mode
+        if old in ("ptq", "serve") and mode in ("qat", "calibrate"):
+            raise ValueError(f"{self.path}: cannot go from {old!r} back to {mode!r}: the float weights were packed")
+        if mode == "qat" and rule.gradient == "lsq" and rule.weight is not None and self.weight_scale is None:
+            self.weight_scale = LearnedScale(
+                _vmap_leading(lambda k: init_lsq_scale(k, rule.weight), self.kernel.get_value(), self.n_stacked)
+            )
+        if mode in ("ptq", "serve"):
+            if rule.weight is not None and not isinstance(self.kernel.get_value(), QArray):
+                learned = None if self.weight_scale is None else self.weight_scale.get_value()
+
+                def pack(k, s=None):
+                    return quantize(k, rule.weight.replace(rounding="nearest"), scale=s)
+
+                kernel = self.kernel.get_value()
+                if learned is None:
+                    packed = _vmap_leading(pack, kernel, self.n_stacked)
+                else:
+                    fn = pack
+                    for _ in range(self.n_stacked):
+                        fn = jax.vmap(fn)
+                    packed = fn(kernel, learned)
+                self.kernel = QuantizedWeight(packed)
+                self.weight_scale = None
+            if rule.act is not None and rule.static_act and self.act_scale is None:
+                if self.act_stats is None:
+                    raise ValueError(f"{self.path}: static_act needs calibration statistics; quantize with mode='calibrate' first")
+                stats = self.act_stats.get_value()
+                scale, zp = calibration.scale_from_stats(stats, rule.act)
+                self.act_scale = StaticScale({"scale": scale, "zero_point": zp})
+        self.mode = mode
+
+
+def _stacked(kernel: jax.Array, base_ndim: int) -> int:
+    return kernel.ndim - base_ndim
+
+
+class QLinear(QuantizedOp):
+    """Quantized `nnx.Linear` (kernel (in, out))."""
+
+    def __init__(self, linear: nnx.Linear, rule: Rule, mode: str, path: str):
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.kernel = linear.kernel
+        self.bias = linear.bias
+        self.dtype = linear.dtype
+        self._init_quant(rule, "qat" if mode != "calibrate" else "calibrate", path, linear.in_features, 2,
+                         _stacked(linear.kernel.get_value(), 2))  # fmt: skip
+        self.convert(mode)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self._activation(x)
+        w = self._weight()
+        dims = (((x.ndim - 1,), (0,)), ((), ()))
+        y = qo.dot_general(x, w, dims, mode=self._matmul_mode(), preferred_element_type=self.dtype)
+        if self.bias is not None:
+            y = y + self.bias.get_value()
+        return self._output(y)
+
+
+class QEinsum(QuantizedOp):
+    """Quantized `nnx.Einsum` (weight in the module's `kernel_shape` layout)."""
+
+    def __init__(self, einsum: nnx.Einsum, rule: Rule, mode: str, path: str):
+        self.einsum_str = einsum.einsum_str.replace(" ", "")
+        self.kernel = einsum.kernel
+        self.bias = einsum.bias
+        self.dtype = einsum.dtype
+        lhs, rhs = self.einsum_str.split("->")[0].split(",")
+        kshape = einsum.kernel.get_value().shape
+        features = int(jnp.prod(jnp.array([kshape[rhs.index(c)] for c in lhs if c in rhs] or [1])))
+        self._init_quant(rule, "qat" if mode != "calibrate" else "calibrate", path, features, len(rhs),
+                         _stacked(einsum.kernel.get_value(), len(rhs)))  # fmt: skip
+        self.convert(mode)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self._activation(x)
+        y = qo.einsum(self.einsum_str, x, self._weight(), mode=self._matmul_mode(), preferred_element_type=self.dtype)
+        if self.bias is not None:
+            y = y + _einsum_bias_view(self.einsum_str, self.bias.get_value(), y.ndim)
+        return self._output(y)
+
+
+def _einsum_bias_view(einsum_str: str, bias: jax.Array, out_ndim: int) -> jax.Array:
+    """Broadcast an Einsum bias (the kernel-derived output dims, in order) against the output."""
+    ins, out = einsum_str.split("->")
+    rhs = ins.split(",")[1]
+    shape = [1] * out_ndim
+    kernel_dims = [i for i, c in enumerate(out) if c in rhs]
+    for i, size in zip(kernel_dims, bias.shape[-len(kernel_dims):] if kernel_dims else ()):
+        shape[i] = size
+    return bias.reshape(shape)
+
+
+class QConv(QuantizedOp):
+    """Quantized `nnx.Conv` (kernel (*window, in // groups, out)); string/explicit padding, no mask."""
+
+    def __init__(self, conv: nnx.Conv, rule: Rule, mode: str, path: str):
+        if isinstance(conv.padding, str) and conv.padding.upper() in ("CIRCULAR", "REFLECT", "CAUSAL"):
+            raise NotImplementedError(f"{path}: QConv supports SAME/VALID/explicit padding, not {conv.padding!r}")
+        if getattr(conv, "mask", None) is not None:
+            raise NotImplementedError(f"{path}: QConv does not support masked kernels")
+        self.kernel, self.bias, self.dtype = conv.kernel, conv.bias, conv.dtype
+        self.kernel_size = tuple(conv.kernel_size)
+        n = len(self.kernel_size)
+        self.strides = _tuple(conv.strides, n)
+        self.padding = conv.padding if isinstance(conv.padding, str) else _padding_pairs(conv.padding, n)
+        self.input_dilation = _tuple(conv.input_dilation, n)
+        self.kernel_dilation = _tuple(conv.kernel_dilation, n)
+        self.feature_group_count = conv.feature_group_count
+        self._init_quant(rule, "qat" if mode != "calibrate" else "calibrate", path, conv.in_features, n + 2,
+                         _stacked(conv.kernel.get_value(), n + 2))  # fmt: skip
+        self.convert(mode)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n = len(self.kernel_size)
+        unbatched = x.ndim == n + 1
+        if unbatched:
+            x = x[None]
+        x = self._activation(x)
+        spatial = "".join("HWDXYZ"[i] for i in range(n))
+        dn = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
+        y = qo.conv_general_dilated(
+            x, self._weight(), self.strides, self.padding, self.input_dilation, self.kernel_dilation, dn,
+            self.feature_group_count, mode=self._matmul_mode(), preferred_element_type=self.dtype,
+        )  # fmt: skip
+        if self.bias is not None:
+            y = y + self.bias.get_value()
+        y = y[0] if unbatched else y
+        return self._output(y)
+
+
+def _tuple(v, n) -> tuple[int, ...]:
+    if v is None:
+        return (1,) * n
+    return (v,) * n if isinstance(v, int) else tuple(v)
+
+
+def _padding_pairs(p, n) -> Sequence[tuple[int, int]]:
+    if isinstance(p, int):
+        return [(p, p)] * n
+    return [(q, q) if isinstance(q, int) else tuple(q) for q in p]
+
+
+class QEmbed(QuantizedOp):
+    """Quantized `nnx.Embed` (table (vocab, features)); `attend` is the tied output projection."""
+
+    def __init__(self, embed: nnx.Embed, rule: Rule, mode: str, path: str):
+        self.num_embeddings, self.features = embed.num_embeddings, embed.features
+        self.kernel = embed.embedding  # named kernel so the shared weight logic applies
+        self.dtype = embed.dtype
+        self._init_quant(rule, "qat" if mode != "calibrate" else "calibrate", path, embed.features, 2,
+                         _stacked(embed.embedding.get_value(), 2))  # fmt: skip
+        self.convert(mode)
+
+    @property
+    def embedding(self):
+        return self.kernel
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        value = self.kernel.get_value()
+        if isinstance(value, QArray) and value.tiles[0] == 1:
+            table = _gather_rows(value, ids)  # dequantize only the rows looked up
+        else:
+            w = self._weight()
+            w = w.dequantize() if isinstance(w, QArray) else w
+            table = jnp.take(w, ids, axis=0)
+        return table.astype(self.dtype or table.dtype)
+
+    def attend(self, query: jax.Array) -> jax.Array:
+        """Tied-embedding logits `query @ table.T`, with this rule's activation/weight quantization."""
+        x = self._activation(query)
+        dims = (((x.ndim - 1,), (1,)), ((), ()))
+        return self._output(qo.dot_general(x, self._weight(), dims, mode=self._matmul_mode()))
+
+
+def _gather_rows(q: QArray, ids: jax.Array) -> jax.Array:
+    """Rows `ids` of a per-row-quantized table, dequantized."""
+    flat = ids.reshape(-1)
+    rows = QArray(
+        jnp.take(q.values, flat, axis=0),
+        jnp.take(q.scale, flat, axis=0),
+        None if q.zero_point is None else jnp.take(q.zero_point, flat, axis=0),
+        q.format, (flat.shape[0], q.shape[1]), q.tiles, q.dtype,
+    )  # fmt: skip
+    return rows.dequantize().reshape(*ids.shape, q.shape[1])
+
+
+class QDotGeneral(QuantizedOp):
+    """A quantized `dot_general` hook for modules that expose one (`module.dot_general = QDotGeneral(...)`).
+
+    The rhs is taken to be the weight and is quantized on every call (it stays a float parameter of
+    the host module); use it for custom modules that follow Flax's `dot_general=` convention.
+    """
+
+    def __init__(self, rule: Rule, mode: str, path: str, features: int | None = None):
+        self.kernel = nnx.data(None)
+        self.rule, self.mode, self.path = rule, mode, path
+        self.weight_ndim = self.n_stacked = 0
+        self.act_scale = nnx.data(None)
+        self.weight_scale = nnx.data(None)
+        self.act_stats = nnx.data(None)
+        if rule.act is not None and (rule.static_act or mode == "calibrate"):
+            if features is None:
+                raise ValueError(f"{path}: static activation scales need the input feature count")
+            self.act_stats = QuantStat(calibration.init_stats(calibration.stat_shape(rule.act, features)))
+
+    def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **_):
+        x = self._activation(lhs)
+        y = qo.dot_general(x, self._weight(rhs), dimension_numbers, precision, preferred_element_type,
+                           mode=self._matmul_mode())  # fmt: skip
+        return self._output(y)
+
+    def convert(self, mode: str) -> None:
+        rule = self.rule
+        if mode in ("ptq", "serve") and rule.act is not None and rule.static_act and self.act_scale is None:
+            scale, zp = calibration.scale_from_stats(self.act_stats.get_value(), rule.act)
+            self.act_scale = StaticScale({"scale": scale, "zero_point": zp})
+        self.mode = mode

@@ -1,0 +1,73 @@
+"""`quantize` for Flax NNX models: replace matched submodules with their quantized counterparts."""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from qjax.transforms.nnx_modules import QConv, QDotGeneral, QEinsum, QEmbed, QLinear, QuantizedOp
+from qjax.transforms.recipe import Recipe
+
+# Flax module type -> (op kind, quantized replacement)
+_REPLACEMENTS = {
+    nnx.Linear: ("dot_general", QLinear),
+    nnx.Einsum: ("einsum", QEinsum),
+    nnx.Conv: ("conv", QConv),
+    nnx.Embed: ("embed", QEmbed),
+}
+
+
+def path_str(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def quantize_nnx(model: nnx.Module, recipe: Recipe, mode: str) -> nnx.Module:
+    """A copy of `model` with every op matched by `recipe` quantized in `mode`; the original is untouched."""
+    model = nnx.clone(model)
+    used: set[int] = set()
+    for path, module in list(nnx.iter_modules(model)):
+        if not path:
+            continue
+        name = path_str(path)
+        if isinstance(module, QuantizedOp):  # already quantized: move to the new mode
+            module.convert(mode)
+            used.add(_rule_index(recipe, module))
+            continue
+        kind_and_cls = next(((k, c) for t, (k, c) in _REPLACEMENTS.items() if type(module) is t), None)
+        if kind_and_cls is not None:
+            kind, cls = kind_and_cls
+            match = recipe.match(name, kind)
+            if match is None:
+                continue
+            used.add(match[0])
+            if not match[1].skip:
+                _set_child(model, path, cls(module, match[1], mode, name))
+        elif hasattr(module, "dot_general") and callable(module.dot_general) and not isinstance(module.dot_general, QDotGeneral):
+            match = recipe.match(name, "dot_general")
+            if match is None:
+                continue
+            used.add(match[0])
+            if not match[1].skip:
+                features = getattr(module, "in_features", None)
+                module.dot_general = QDotGeneral(match[1], mode, name, features if isinstance(features, int) else None)
+    recipe.report_unused(used - {-1})
+    return model
+
+
+def _rule_index(recipe: Recipe, module: QuantizedOp) -> int:
+    return next((i for i, r in enumerate(recipe.rules) if r == module.rule), -1)
+
+
+def _set_child(root, path, new) -> None:
+    parent = root
+    for key in path[:-1]:
+        parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+    key = path[-1]
+    if isinstance(key, int):
+        parent[key] = new
+    else:
+        setattr(parent, key, new)
+
+
+def quantized_ops(model: nnx.Module) -> dict[str, QuantizedOp]:
+    """Path → quantized op, for inspection (e.g. per-layer error plots)."""
+    return {path_str(p): m for p, m in nnx.iter_modules(model) if isinstance(m, QuantizedOp)}
