@@ -84,8 +84,11 @@ def check_input(x, name: str = "x") -> jax.Array:
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name} must be a floating-point array to quantize, got dtype {x.dtype}")
-    if not isinstance(x, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(x))):
-        n_bad = int(jnp.sum(~jnp.isfinite(x)))
+    if isinstance(x, jax.core.Tracer):  # under jit/grad the values are unknown; see docs for checkify
+        return x
+    finite = np.isfinite(np.asarray(x, np.float32))  # host-side: never staged into an enclosing trace
+    if not finite.all():
+        n_bad = int((~finite).sum())
         raise ValueError(f"{name} contains {n_bad} NaN/Inf value(s); quantization scales would be meaningless")
     return x
 

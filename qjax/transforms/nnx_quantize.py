@@ -25,8 +25,6 @@ def quantize_nnx(model: nnx.Module, recipe: Recipe, mode: str) -> nnx.Module:
     model = nnx.clone(model)
     used: set[int] = set()
     for path, module in list(nnx.iter_modules(model)):
-        if not path:
-            continue
         name = path_str(path)
         if isinstance(module, QuantizedOp):  # already quantized: move to the new mode
             module.convert(mode)
@@ -40,7 +38,11 @@ def quantize_nnx(model: nnx.Module, recipe: Recipe, mode: str) -> nnx.Module:
                 continue
             used.add(match[0])
             if not match[1].skip:
-                _set_child(model, path, cls(module, match[1], mode, name))
+                replacement = cls(module, match[1], mode, name)
+                if not path:  # the model is itself a single quantizable module
+                    recipe.report_unused(used)
+                    return replacement
+                _set_child(model, path, replacement)
         elif hasattr(module, "dot_general") and callable(module.dot_general) and not isinstance(module.dot_general, QDotGeneral):
             match = recipe.match(name, "dot_general")
             if match is None:
@@ -48,7 +50,8 @@ def quantize_nnx(model: nnx.Module, recipe: Recipe, mode: str) -> nnx.Module:
             used.add(match[0])
             if not match[1].skip:
                 features = getattr(module, "in_features", None)
-                module.dot_general = QDotGeneral(match[1], mode, name, features if isinstance(features, int) else None)
+                hook = QDotGeneral(match[1], mode, name, features if isinstance(features, int) else None)
+                module.dot_general = nnx.data(hook)  # a module with state, where a plain function stood
     recipe.report_unused(used - {-1})
     return model
 
