@@ -1,7 +1,15 @@
-"""Independent numpy (float64) fake quantization used as the reference in transform tests."""
+"""Independent numpy fake quantization used as the reference in transform tests.
+
+Scales and x/scale are computed in float32 (as any float32 implementation does) so that values lying
+within float32 rounding of a .5 tie round the same way; everything after rounding is float64.
+"""
 
 import ml_dtypes
 import numpy as np
+
+
+def _div32(x, s):
+    return (np.asarray(x, np.float32) / np.asarray(s, np.float32)).astype(np.float64)
 
 
 def int_symmetric(x: np.ndarray, bits: int, axis_keep: tuple[int, ...] = (), group: tuple[int, int] | None = None):
@@ -14,14 +22,14 @@ def int_symmetric(x: np.ndarray, bits: int, axis_keep: tuple[int, ...] = (), gro
         n = xm.shape[-1]
         pad = (-n) % size
         xp = np.concatenate([xm, np.zeros(xm.shape[:-1] + (pad,))], -1).reshape(*xm.shape[:-1], -1, size)
-        s = np.abs(xp).max(-1, keepdims=True) / qmax
+        s = (np.abs(xp).max(-1, keepdims=True) / qmax).astype(np.float32)
         s = np.where(s == 0, 1, s)
-        q = np.clip(np.round(xp / s), -qmax - 1, qmax) * s
+        q = np.clip(np.round(_div32(xp, s)), -qmax - 1, qmax) * s
         return np.moveaxis(q.reshape(*xm.shape[:-1], -1)[..., :n], -1, axis)
     red = tuple(a for a in range(x.ndim) if a not in [k % x.ndim for k in axis_keep])
-    s = np.abs(x).max(axis=red, keepdims=True) / qmax
+    s = (np.abs(x).max(axis=red, keepdims=True) / qmax).astype(np.float32)
     s = np.where(s == 0, 1, s)
-    return np.clip(np.round(x / s), -qmax - 1, qmax) * s
+    return np.clip(np.round(_div32(x, s)), -qmax - 1, qmax) * s.astype(np.float64)
 
 
 def per_token_int(x, bits):
@@ -31,6 +39,6 @@ def per_token_int(x, bits):
 def fp8_e4m3(x, axis_keep=()):
     x = np.asarray(x, np.float64)
     red = tuple(a for a in range(x.ndim) if a not in [k % x.ndim for k in axis_keep])
-    s = np.abs(x).max(axis=red, keepdims=True) / 448.0
-    v = np.clip(x / s, -448, 448).astype(np.float32).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
-    return v * s
+    s = (np.abs(x).max(axis=red, keepdims=True) / 448.0).astype(np.float32)
+    v = np.clip(_div32(x, s), -448, 448).astype(np.float32).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+    return v * s.astype(np.float64)

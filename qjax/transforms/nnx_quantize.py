@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from flax import nnx
 
+from qjax.layers import AttentionOp, KVCache
+from qjax.transforms.apply import matmul_mode
 from qjax.transforms.nnx_modules import QConv, QDotGeneral, QEinsum, QEmbed, QLinear, QuantizedOp
 from qjax.transforms.recipe import Recipe
 
@@ -30,6 +32,12 @@ def quantize_nnx(model: nnx.Module, recipe: Recipe, mode: str) -> nnx.Module:
             module.convert(mode)
             used.add(_rule_index(recipe, module))
             continue
+        if isinstance(module, (AttentionOp, KVCache)):
+            match = recipe.match(name, "attention")
+            if match is not None:
+                used.add(match[0])
+                _configure_attention(module, match[1], mode)
+            continue
         kind_and_cls = next(((k, c) for t, (k, c) in _REPLACEMENTS.items() if type(module) is t), None)
         if kind_and_cls is not None:
             kind, cls = kind_and_cls
@@ -54,6 +62,15 @@ def quantize_nnx(model: nnx.Module, recipe: Recipe, mode: str) -> nnx.Module:
                 module.dot_general = nnx.data(hook)  # a module with state, where a plain function stood
     recipe.report_unused(used - {-1})
     return model
+
+
+def _configure_attention(module, rule, mode: str) -> None:
+    if rule.skip:
+        return
+    if isinstance(module, AttentionOp):
+        module.configure(rule.q, rule.k, rule.v, rule.p, rule.p_scale, rule.k_smooth, matmul_mode(mode))
+    elif rule.kv is not None and module.spec != rule.kv:
+        module.set_spec(rule.kv)
 
 
 def _rule_index(recipe: Recipe, module: QuantizedOp) -> int:

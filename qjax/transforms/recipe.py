@@ -34,7 +34,9 @@ class Rule:
     gradient: "ste", "clipped_ste", or "lsq" (learnable weight scales, trained as `nnx.Param`s).
     static_act: in ptq/serve, use scales calibrated in `calibrate` mode instead of dynamic ones.
     observer: calibration statistic ("minmax", "ema" with `ema_decay`, or "percentile").
-    kv: spec for the KV cache of attention ops (per-head/per-token); q, k, v, p: attention operand specs.
+    q, k, v, p: attention operand specs (op="attention"); p_scale: a fixed P scale (1/127 as in
+      INT-FlashAttention); k_smooth: subtract K's per-channel mean first (SageAttention).
+    kv: storage spec of `qjax.layers.KVCache` modules matched by an op="attention" rule (per token).
     skip: matched modules stay in float (use it to exempt e.g. `lm_head` before a catch-all rule).
     """
 
@@ -53,6 +55,8 @@ class Rule:
     v: QuantSpec | None = None
     p: QuantSpec | None = None
     kv: QuantSpec | None = None
+    p_scale: float | None = None
+    k_smooth: bool = False
     skip: bool = False
 
     def __post_init__(self):
