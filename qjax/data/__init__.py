@@ -1,0 +1,1 @@
+"""qjax.data: tokenizers, corpora, calibration sampling."""

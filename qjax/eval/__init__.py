@@ -1,0 +1,1 @@
+"""qjax.eval: perplexity, zero-shot scoring, embedding fidelity."""

@@ -1,0 +1,7 @@
+"""qjax.models: Flax NNX model families and Hugging Face / GGUF checkpoint loading."""
+
+from qjax.models.common import generate
+from qjax.models.hf import load_pretrained
+from qjax.models.llama import LlamaConfig, LlamaForCausalLM
+
+__all__ = ["LlamaConfig", "LlamaForCausalLM", "generate", "load_pretrained"]
