@@ -1,0 +1,246 @@
+"""Pallas GEMM kernels: W8A8 (int8×int8→int32, scales and bias fused) and weight-only W8A16 / W4A16.
+
+Weights are stored K-major, (N, K), as 8-bit MMAs on Hopper want; int4 weights are packed two per
+byte in a kernel layout that pairs column k with column k + block_k/2 of the same K block, so the
+kernel unpacks each byte into two contiguous half-tiles without any interleaving shuffle.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from qjax.kernels.common import DEFAULT_TUNER, interpret_default, pad_to, round_up
+
+GEMM_BLOCKS = ((128, 128, 128), (128, 256, 128), (64, 128, 128), (128, 128, 64), (64, 64, 64))
+
+
+# ---- W8A8 --------------------------------------------------------------------------------------------
+
+
+def _w8a8_kernel(a_ref, w_ref, sa_ref, sw_ref, b_ref, o_ref, *, block_k: int, n_k: int, raw: bool):
+    def body(i, acc):
+        a = a_ref[:, pl.ds(i * block_k, block_k)]
+        w = w_ref[:, pl.ds(i * block_k, block_k)]
+        return acc + jax.lax.dot_general(a, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+
+    acc = jax.lax.fori_loop(0, n_k, body, jnp.zeros(o_ref.shape, jnp.int32))
+    if raw:
+        o_ref[...] = acc
+        return
+    out = acc.astype(jnp.float32) * sa_ref[...] * sw_ref[...] + b_ref[...]
+    o_ref[...] = out.astype(o_ref.dtype)
+
+
+def _w8a8_grouped_kernel(a_ref, w_ref, sa_ref, sw_ref, b_ref, o_ref, *, group: int, n_k: int):
+    def body(i, acc):
+        a = a_ref[:, pl.ds(i * group, group)]
+        w = w_ref[:, pl.ds(i * group, group)]
+        part = jax.lax.dot_general(a, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+        return acc + part.astype(jnp.float32) * sw_ref[:, pl.ds(i, 1)].T  # the group's weight scale, per column
+
+    acc = jax.lax.fori_loop(0, n_k, body, jnp.zeros(o_ref.shape, jnp.float32))
+    o_ref[...] = (acc * sa_ref[...] + b_ref[...]).astype(o_ref.dtype)
+
+
+def w8a8_matmul(
+    a: jax.Array,
+    a_scale: jax.Array,
+    w: jax.Array,
+    w_scale: jax.Array,
+    bias: jax.Array | None = None,
+    *,
+    out_dtype=jnp.bfloat16,
+    group_size: int | None = None,
+    blocks: tuple[int, int, int] | None = None,
+    raw_int32: bool = False,
+    poison: bool = False,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """(M, K) int8 activations [per-token scales (M,)] × (N, K) int8 weights [per-channel (N,) or
+    per-group (N, K/group) scales] → (M, N) `out_dtype`, int32 accumulation, scales + bias fused.
+
+    raw_int32=True returns the int32 accumulator itself (for bit-exact tests). poison=True fills the
+    output buffer with NaN/min-int before the kernel runs, so an unwritten tile cannot go unnoticed.
+    """
+    m, k = a.shape
+    n, k2 = w.shape
+    if k != k2:
+        raise ValueError(f"w8a8_matmul: a is (M, K)=({m}, {k}) but w is (N, K)=({n}, {k2}); store weights K-major")
+    if a.dtype != jnp.int8 or w.dtype != jnp.int8:
+        raise TypeError(f"w8a8_matmul needs int8 operands, got {a.dtype} and {w.dtype}")
+    grouped = group_size is not None
+    if grouped and (group_size <= 0 or group_size % 16):
+        raise ValueError(f"group_size must be a positive multiple of 16, got {group_size}")
+    interpret = interpret_default(interpret)
+
+    def run(cfg):
+        bm, bn, bk = cfg
+        bk = group_size if grouped else bk
+        mp, np_, kp = round_up(m, bm), round_up(n, bn), round_up(k, bk)
+        ap, wp = pad_to(a, (mp, kp)), pad_to(w, (np_, kp))
+        sa = pad_to(a_scale.astype(jnp.float32).reshape(m, 1), (mp, 1))
+        if grouped:
+            sw = pad_to(w_scale.astype(jnp.float32).reshape(n, -1), (np_, kp // bk))
+            sw_spec = pl.BlockSpec((bn, kp // bk), lambda i, j: (j, 0))
+        else:
+            sw = pad_to(w_scale.astype(jnp.float32).reshape(1, n), (1, np_))
+            sw_spec = pl.BlockSpec((1, bn), lambda i, j: (0, j))
+        b = pad_to((jnp.zeros((n,)) if bias is None else bias).astype(jnp.float32).reshape(1, n), (1, np_))
+        odt = jnp.int32 if raw_int32 else out_dtype
+        if grouped:
+            kernel = functools.partial(_w8a8_grouped_kernel, group=bk, n_k=kp // bk)
+        else:
+            kernel = functools.partial(_w8a8_kernel, block_k=bk, n_k=kp // bk, raw=raw_int32)
+        in_specs = [
+            pl.BlockSpec((bm, kp), lambda i, j: (i, 0)),
+            pl.BlockSpec((bn, kp), lambda i, j: (j, 0)),
+            pl.BlockSpec((bm, 1), lambda i, j: (i, 0)),
+            sw_spec,
+            pl.BlockSpec((1, bn), lambda i, j: (0, j)),
+        ]
+        args = [ap, wp, sa, sw, b]
+        aliases = {}
+        if poison:
+            fill = jnp.iinfo(jnp.int32).min if raw_int32 else jnp.nan
+            args.append(jnp.full((mp, np_), fill, odt))
+            in_specs.append(pl.BlockSpec((bm, bn), lambda i, j: (i, j)))
+            aliases = {5: 0}
+            kernel = _drop_last_input(kernel)
+        out = pl.pallas_call(
+            kernel,
+            out_shape=jax.ShapeDtypeStruct((mp, np_), odt),
+            grid=(mp // bm, np_ // bn),
+            in_specs=in_specs,
+            out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+            input_output_aliases=aliases,
+            interpret=interpret,
+            name="qjax_w8a8_grouped" if grouped else "qjax_w8a8",
+        )(*args)
+        return out[:m, :n]
+
+    cfg = blocks or DEFAULT_TUNER.pick(("w8a8", m, n, k, group_size, raw_int32, str(out_dtype)), _fit(GEMM_BLOCKS, m, n, k), run)
+    return run(cfg)
+
+
+def _drop_last_input(kernel):
+    """Wrap a kernel so that an extra (aliased, poisoned) input ref is accepted and ignored."""
+
+    def wrapped(*refs):
+        *ins, _poisoned, out = refs
+        return kernel(*ins, out)
+
+    return wrapped
+
+
+def _fit(candidates, m, n, k):
+    """Shrink block sizes for small problems (keeping them ≥ 16, the smallest MMA dimension)."""
+    fitted = []
+    for bm, bn, bk in candidates:
+        cfg = (min(bm, max(16, round_up(m, 16))), min(bn, max(16, round_up(n, 16))), min(bk, max(16, round_up(k, 16))))
+        if cfg not in fitted:
+            fitted.append(cfg)
+    return fitted
+
+
+# ---- weight-only ---------------------------------------------------------------------------------------
+
+
+def pack_int4_kernel_layout(codes: jax.Array, block_k: int) -> jax.Array:
+    """(N, K) int4 codes (int8 in [-8, 7]) → (N, K/2) uint8: in each K block, byte j holds column j (low
+    nibble) and column j + block_k/2 (high nibble)."""
+    n, k = codes.shape
+    if k % block_k or block_k % 2:
+        raise ValueError(f"K={k} must be a multiple of an even block_k={block_k} (pad the weight first)")
+    c = codes.astype(jnp.uint8).reshape(n, k // block_k, 2, block_k // 2) & 0xF
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+def _woq_kernel(x_ref, w_ref, s_ref, b_ref, o_ref, *, block_k: int, n_k: int, group: int, int4: bool):
+    def dequant(w, first_col):
+        """int → float32 for a (bn, cols) weight tile whose first K column is `first_col`."""
+        bn, cols = w.shape
+        if cols <= group:  # the tile lies inside one group (groups are aligned to block_k)
+            return w.astype(jnp.float32) * s_ref[:, pl.ds(first_col // group, 1)]
+        s = s_ref[:, pl.ds(first_col // group, cols // group)]
+        return (w.astype(jnp.float32).reshape(bn, cols // group, group) * s[:, :, None]).reshape(bn, cols)
+
+    def xw(x, w):
+        return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+    def body(i, acc):
+        x = x_ref[:, pl.ds(i * block_k, block_k)].astype(jnp.float32)
+        if not int4:
+            return acc + xw(x, dequant(w_ref[:, pl.ds(i * block_k, block_k)], i * block_k))
+        half = block_k // 2
+        packed = w_ref[:, pl.ds(i * half, half)]
+        lo = ((packed & 0xF).astype(jnp.int8) << 4) >> 4  # sign-extend the low nibble
+        hi = packed.astype(jnp.int8) >> 4
+        return acc + xw(x[:, :half], dequant(lo, i * block_k)) + xw(x[:, half:], dequant(hi, i * block_k + half))
+
+    acc = jax.lax.fori_loop(0, n_k, body, jnp.zeros(o_ref.shape, jnp.float32))
+    o_ref[...] = (acc + b_ref[...]).astype(o_ref.dtype)
+
+
+def weight_only_matmul(
+    x: jax.Array,
+    w: jax.Array,
+    w_scale: jax.Array,
+    bias: jax.Array | None = None,
+    *,
+    bits: int = 8,
+    group_size: int = 128,
+    block_m: int = 64,
+    block_n: int = 128,
+    block_k: int | None = None,
+    poison: bool = False,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """(M, K) bf16/f32 activations × (N, K) int8 [bits=8] or (N, K/2) packed int4 [bits=4, from
+    `pack_int4_kernel_layout`] weights with per-group scales (N, K/group) → (M, N) in x's dtype."""
+    m, k = x.shape
+    n = w.shape[0]
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if group_size <= 0 or group_size % 16:
+        raise ValueError(f"group_size must be a positive multiple of 16, got {group_size}")
+    block_k = block_k or max(group_size, 128 if group_size <= 128 else group_size)
+    if block_k % group_size:
+        raise ValueError(f"block_k ({block_k}) must be a multiple of group_size ({group_size})")
+    if bits == 4 and w.shape[1] * 2 != round_up(k, block_k):
+        raise ValueError(f"packed int4 weight has {w.shape[1]} bytes per row; expected {round_up(k, block_k) // 2} "
+                         f"(K padded to block_k={block_k})")  # fmt: skip
+    interpret = interpret_default(interpret)
+    bm, bn = min(block_m, round_up(m, 16)), min(block_n, round_up(n, 16))
+    mp, np_, kp = round_up(m, bm), round_up(n, bn), round_up(k, block_k)
+    xp = pad_to(x, (mp, kp))
+    wp = pad_to(w, (np_, kp if bits == 8 else kp // 2))
+    sp = pad_to(w_scale.astype(jnp.float32), (np_, kp // group_size), value=1.0)
+    b = pad_to((jnp.zeros((n,)) if bias is None else bias).astype(jnp.float32).reshape(1, n), (1, np_))
+    kernel = functools.partial(_woq_kernel, block_k=block_k, n_k=kp // block_k, group=group_size, int4=bits == 4)
+    in_specs = [
+        pl.BlockSpec((bm, kp), lambda i, j: (i, 0)),
+        pl.BlockSpec((bn, wp.shape[1]), lambda i, j: (j, 0)),
+        pl.BlockSpec((bn, sp.shape[1]), lambda i, j: (j, 0)),
+        pl.BlockSpec((1, bn), lambda i, j: (0, j)),
+    ]
+    args, aliases = [xp, wp, sp, b], {}
+    if poison:
+        args.append(jnp.full((mp, np_), jnp.nan, x.dtype))
+        in_specs.append(pl.BlockSpec((bm, bn), lambda i, j: (i, j)))
+        aliases = {4: 0}
+        kernel = _drop_last_input(kernel)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((mp, np_), x.dtype),
+        grid=(mp // bm, np_ // bn),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        input_output_aliases=aliases,
+        interpret=interpret,
+        name=f"qjax_w{bits}a16",
+    )(*args)
+    return out[:m, :n]

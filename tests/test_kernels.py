@@ -1,0 +1,165 @@
+"""Pallas kernels (interpret mode on CPU, native on GPU): exact int32 accumulation and float64 references."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qjax.kernels.attention import int8_flash_attention, quantize_qkv
+from qjax.kernels.gemm import pack_int4_kernel_layout, w8a8_matmul, weight_only_matmul
+
+RNG = np.random.default_rng(1234)
+
+
+def _int8(shape):
+    return jnp.asarray(RNG.integers(-128, 128, shape), jnp.int8)
+
+
+@pytest.mark.parametrize("m,n,k,blocks", [(37, 50, 200, (16, 32, 64)), (16, 16, 16, None), (129, 33, 70, (32, 16, 32))])
+def test_w8a8_int32_accumulation_is_bit_exact(m, n, k, blocks):
+    a, w = _int8((m, k)), _int8((n, k))
+    raw = w8a8_matmul(a, jnp.ones(m), w, jnp.ones(n), raw_int32=True, poison=True, blocks=blocks)
+    np.testing.assert_array_equal(np.asarray(raw), np.asarray(a, np.int64) @ np.asarray(w, np.int64).T)
+
+
+@pytest.mark.parametrize("group", [None, 32])
+def test_w8a8_fused_epilogue_matches_float64(group):
+    m, n, k = 45, 70, 160
+    a, w = _int8((m, k)), _int8((n, k))
+    sa = RNG.uniform(0.001, 0.1, m).astype(np.float32)
+    sw = RNG.uniform(0.001, 0.1, (n,) if group is None else (n, k // group)).astype(np.float32)
+    bias = RNG.standard_normal(n).astype(np.float32)
+    y = w8a8_matmul(a, jnp.asarray(sa), w, jnp.asarray(sw), jnp.asarray(bias), out_dtype=jnp.float32, group_size=group, poison=True)
+    wd = np.asarray(w, np.float64) * (sw[:, None] if group is None else np.repeat(sw, group, axis=1))
+    ref = (np.asarray(a, np.float64) @ wd.T) * sa[:, None] + bias
+    assert not np.isnan(np.asarray(y)).any()
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-4 * np.abs(ref).max())
+    y16 = w8a8_matmul(a, jnp.asarray(sa), w, jnp.asarray(sw), jnp.asarray(bias), out_dtype=jnp.bfloat16, group_size=group)
+    assert y16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y16, np.float64), ref, rtol=1e-2, atol=1e-2 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("bits,group", [(8, 32), (8, 128), (4, 64), (4, 128)])
+def test_weight_only_gemm_matches_float64(bits, group):
+    m, n, k = 19, 48, 256
+    x = jnp.asarray(RNG.standard_normal((m, k)), jnp.float32)
+    lo, hi = (-8, 8) if bits == 4 else (-128, 128)
+    codes = jnp.asarray(RNG.integers(lo, hi, (n, k)), jnp.int8)
+    scales = RNG.uniform(0.001, 0.1, (n, k // group)).astype(np.float32)
+    w = pack_int4_kernel_layout(codes, 128) if bits == 4 else codes
+    y = weight_only_matmul(x, w, jnp.asarray(scales), bits=bits, group_size=group, block_k=max(128, group), poison=True)
+    wd = np.asarray(codes, np.float64) * np.repeat(scales, group, axis=1)
+    ref = np.asarray(x, np.float64) @ wd.T
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-4 * np.abs(ref).max())
+
+
+def test_gemm_errors():
+    with pytest.raises(ValueError, match="K-major"):
+        w8a8_matmul(_int8((4, 32)), jnp.ones(4), _int8((32, 16)), jnp.ones(32))
+    with pytest.raises(TypeError, match="int8"):
+        w8a8_matmul(jnp.ones((4, 32)), jnp.ones(4), _int8((8, 32)), jnp.ones(8))
+    with pytest.raises(ValueError, match="group_size"):
+        weight_only_matmul(jnp.ones((4, 32)), _int8((8, 32)), jnp.ones((8, 1)), group_size=0)
+
+
+# ---- attention -------------------------------------------------------------------------------------------
+
+
+def _qkv(b, h, hkv, t, s, d):
+    q = jnp.asarray(RNG.standard_normal((b, h, t, d)), jnp.float32)
+    k = jnp.asarray(RNG.standard_normal((b, hkv, s, d)), jnp.float32)
+    v = jnp.asarray(RNG.standard_normal((b, hkv, s, d)), jnp.float32)
+    return q, k, v
+
+
+def _mask(t, s, causal, lengths, b):
+    keep = np.ones((b, 1, t, s), bool)
+    if causal:
+        keep &= (np.arange(s)[None] <= np.arange(t)[:, None] + (s - t))[None, None]
+    if lengths is not None:
+        keep &= (np.arange(s)[None, :] < np.asarray(lengths)[:, None])[:, None, None, :]
+    return keep
+
+
+def _reference(q8, k8, v, qs, ks, vs, causal, lengths, quantize_p):
+    """float64 attention of the dequantized operands; with quantize_p, P = round(127·p)/127 with the
+    global row max (what the kernel does when all keys fit in one block)."""
+    b, h, t, d = q8.shape
+    g = h // k8.shape[1]
+    q = np.asarray(q8, np.float64) * np.asarray(qs)[..., None]
+    k = np.repeat(np.asarray(k8, np.float64) * np.asarray(ks)[..., None], g, 1)
+    vv = np.asarray(v, np.float64) if vs is None else np.asarray(v, np.float64) * np.asarray(vs)[:, :, None, :]
+    vv = np.repeat(vv, g, 1)
+    s = np.einsum("bhtd,bhsd->bhts", q, k) / math.sqrt(d)
+    keep = np.broadcast_to(_mask(t, k.shape[2], causal, lengths, b), s.shape)
+    s = np.where(keep, s, -np.inf)
+    p = np.where(keep, np.exp(s - s.max(-1, keepdims=True)), 0)
+    denom = p.sum(-1, keepdims=True)
+    if quantize_p:
+        p = np.floor(p * 127 + 0.5) / 127
+    return np.einsum("bhts,bhsd->bhtd", p, vv) / denom
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_int8_attention_single_block_equals_fake_quant_reference(d, causal):
+    q, k, v = _qkv(1, 4, 2, 19, 29, d)
+    q8, k8, v8, qs, ks, vs = quantize_qkv(q, k, v, k_smooth=False)
+    out = int8_flash_attention(q8, k8, v8, qs, ks, vs, causal=causal, block_q=32, block_k=32, out_dtype=jnp.float32, poison=True)
+    ref = _reference(q8, k8, v8, qs, ks, vs, causal, None, quantize_p=True)
+    assert not np.isnan(np.asarray(out)).any()
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("pv", ["int8", "bf16"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_int8_attention_multi_block_with_gqa_and_lengths(pv, causal):
+    b, h, hkv, t, s, d = 2, 4, 1, 33, 47, 64
+    q, k, v = _qkv(b, h, hkv, t, s, d)
+    lengths = jnp.array([47, 30])
+    q8, k8, v8, qs, ks, vs = quantize_qkv(q, k, v, pv=pv, k_smooth=False)
+    out = int8_flash_attention(q8, k8, v8, qs, ks, vs, kv_lengths=lengths, causal=causal, pv=pv, block_q=16, block_k=16,
+                               out_dtype=jnp.float32, poison=True)  # fmt: skip
+    out = np.asarray(out)
+    assert not np.isnan(out).any()
+    # vs the dequantized-operand reference without P quantization: only P rounding (and bf16 V) remains
+    ref = _reference(q8, k8, v8, qs, ks, vs, causal, lengths, quantize_p=False)
+    mre = np.mean(np.abs(out - ref)) / np.mean(np.abs(ref))
+    assert mre < (0.03 if pv == "int8" else 0.01), mre
+    # vs exact float attention: INT-FlashAttention-level error
+    exact = _reference(q, k, v, jnp.ones((b, h, t)), jnp.ones((b, hkv, s)), None, causal, lengths, False)
+    assert np.mean(np.abs(out - exact)) / np.mean(np.abs(exact)) < 0.05
+
+
+def test_k_smoothing_reduces_error_when_k_has_an_offset():
+    q, k, v = _qkv(1, 2, 2, 16, 32, 64)
+    k = k + 8.0 * jnp.asarray(RNG.standard_normal((1, 2, 1, 64)), jnp.float32)  # a per-channel bias shared by all tokens
+    exact = _reference(q, k, v, jnp.ones((1, 2, 16)), jnp.ones((1, 2, 32)), None, False, None, False)
+    errs = {}
+    for smooth in (False, True):
+        q8, k8, v8, qs, ks, vs = quantize_qkv(q, k, v, k_smooth=smooth)
+        out = np.asarray(int8_flash_attention(q8, k8, v8, qs, ks, vs, out_dtype=jnp.float32))
+        errs[smooth] = np.mean(np.abs(out - exact))
+    assert errs[True] < 0.5 * errs[False], errs
+
+
+def test_attention_errors():
+    q, k, v = _qkv(1, 3, 2, 8, 8, 64)
+    q8, k8, v8, qs, ks, vs = quantize_qkv(q, k, v)
+    with pytest.raises(ValueError, match="multiple"):
+        int8_flash_attention(q8, k8, v8, qs, ks, vs)
+    with pytest.raises(TypeError, match="int8"):
+        int8_flash_attention(q, k8, v8, qs, ks, vs)
+
+
+@pytest.mark.gpu
+def test_kernels_lower_natively_on_gpu():
+    a, w = _int8((256, 512)), _int8((256, 512))
+    raw = w8a8_matmul(a, jnp.ones(256), w, jnp.ones(256), raw_int32=True, interpret=False)
+    np.testing.assert_array_equal(np.asarray(raw), np.asarray(a, np.int64) @ np.asarray(w, np.int64).T)
+    q, k, v = _qkv(1, 8, 8, 256, 256, 128)
+    args = quantize_qkv(q, k, v)
+    out = int8_flash_attention(*args, causal=True, interpret=False, out_dtype=jnp.float32)
+    assert jax.devices()[0].platform == "gpu" and np.isfinite(np.asarray(out)).all()
