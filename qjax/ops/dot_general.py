@@ -93,6 +93,10 @@ def integer_dot_general(lhs: QArray, rhs: QArray, dimension_numbers: DimensionNu
     Equals `dot_general(lhs.dequantize(), rhs.dequantize())` up to float32 rounding of the rescale.
     """
     (lc, rc), (lb, rb) = [[tuple(a % q.ndim for a in axes) for axes, q in zip(pair, (lhs, rhs))] for pair in dimension_numbers]
+    if jax.default_backend() == "gpu":
+        fast = _gemm_kernel(lhs, rhs, lc, rc, lb, rb, out_dtype)
+        if fast is not None:
+            return fast
     lf = tuple(a for a in range(lhs.ndim) if a not in lc and a not in lb)
     rf = tuple(a for a in range(rhs.ndim) if a not in rc and a not in rb)
     for i, j in zip(lc, rc):
@@ -133,6 +137,29 @@ def integer_dot_general(lhs: QArray, rhs: QArray, dimension_numbers: DimensionNu
     out = jnp.sum(scaled, axis=1)  # (B, M, N)
     out_shape = [lhs.shape[a] for a in lb] + [lhs.shape[a] for a in lf] + [rhs.shape[a] for a in rf]
     return out.reshape(out_shape).astype(out_dtype)
+
+
+def _gemm_kernel(lhs: QArray, rhs: QArray, lc, rc, lb, rb, out_dtype):
+    """The Pallas W8A8 GEMM for the common case — (..., K) int8 per-token/per-tensor activations × (K, N)
+    int8 per-channel or per-group weights, symmetric — or None when the layout is not that case."""
+    int8 = lambda q: q.format.kind == "int" and q.format.bits == 8 and q.format.signed and q.zero_point is None  # noqa: E731
+    if lb or rb or lc != (lhs.ndim - 1,) or rhs.ndim != 2 or rc != (0,) or not (int8(lhs) and int8(rhs)):
+        return None
+    k, n = rhs.shape
+    if lhs.tiles[-1] != k or any(t != 1 for t in lhs.tiles[:-1]) and any(t != d for t, d in zip(lhs.tiles[:-1], lhs.shape[:-1])):
+        return None
+    group = None if rhs.tiles[0] == k else rhs.tiles[0]
+    if rhs.tiles[1] != 1 or (group is not None and (group % 16 or k % group)):
+        return None
+    from qjax.kernels.gemm import w8a8_matmul  # kernels sit below ops; imported only on GPU
+
+    m = math.prod(lhs.shape[:-1])
+    a = lhs.values[tuple(slice(0, d) for d in lhs.shape)].reshape(m, k)
+    sa = jnp.broadcast_to(lhs.scale.astype(jnp.float32), lhs.shape[:-1] + (1,)).reshape(m)
+    w = rhs.values[:k, :n].T  # K-major for the int8 MMA; PTQ weights could be stored this way once
+    sw = rhs.scale.astype(jnp.float32)[:, :n].T.reshape(n, -1)
+    out = w8a8_matmul(a, sa, w, sw if group else sw[:, 0], out_dtype=out_dtype, group_size=group)
+    return out.reshape(*lhs.shape[:-1], n)
 
 
 def _n_tiles(q: QArray, axis: int) -> int:
