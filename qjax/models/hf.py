@@ -18,11 +18,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qjax.models.classic import (
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    OPTConfig,
+    OPTForCausalLM,
+    bert_name,
+    gpt2_name,
+    opt_name,
+)
 from qjax.models.llama import LlamaConfig, LlamaForCausalLM
 
 ShardingFn = Callable[[str, tuple[int, ...]], jax.sharding.Sharding | None]
 
-# HF model_type -> (config class, model class, name mapper)
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -46,7 +56,13 @@ def llama_name(hf: str) -> tuple[tuple, bool] | None:
     return ("layers", layer, *mod, "kernel" if kind == "weight" else "bias"), kind == "weight"
 
 
-FAMILIES: dict[str, tuple] = {t: (LlamaConfig, LlamaForCausalLM, llama_name) for t in LLAMA_TYPES}
+# HF model_type -> (config class, model class, HF tensor name -> (qjax path, transpose?) | None)
+FAMILIES: dict[str, tuple] = {
+    **{t: (LlamaConfig, LlamaForCausalLM, llama_name) for t in LLAMA_TYPES},
+    "opt": (OPTConfig, OPTForCausalLM, opt_name),
+    "gpt2": (GPT2Config, GPT2LMHeadModel, gpt2_name),
+    "bert": (BertConfig, BertModel, bert_name),
+}
 
 
 def resolve_checkpoint(path_or_id: str | os.PathLike) -> str:
