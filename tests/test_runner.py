@@ -1,0 +1,117 @@
+"""Experiment runner: config validation, run directory, resume after interruption, sweeps, report."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import yaml
+from flax import nnx
+
+from qjax.__main__ import main as cli
+from qjax.data import ByteTokenizer, austen, windows
+from qjax.eval import perplexity
+from qjax.experiments import runner
+from qjax.experiments.config import ConfigError, load_config
+from qjax.models import load_pretrained
+from qjax.models.export import save_llama
+from qjax.models.llama import LlamaConfig, LlamaForCausalLM
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    cfg = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    save_llama(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)), str(d), dtype="float32")
+    return str(d)
+
+
+def _config(tmp_path, model_dir, **extra):
+    cfg = {
+        "name": "t",
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"source": model_dir, "tokenizer": "bytes"},
+        "data": {"corpus": "austen", "split": "test", "seq_len": 32, "max_windows": 4, "batch_size": 2, "calibration_windows": 2},
+        "recipes": [
+            {"name": "float"},
+            {"name": "w8a8", "weight": {"format": "int8"}, "act": {"format": "int8", "granularity": "token"}},
+            {"name": "w4 static", "weight": {"format": "int4", "granularity": "group", "group_size": 16},
+             "act": {"format": "int8", "granularity": "tensor"}, "static_act": True},
+        ],
+    }  # fmt: skip
+    cfg.update(extra)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_config_errors_name_the_key_and_the_file(tmp_path, tiny_model_dir):
+    path = _config(tmp_path, tiny_model_dir)
+    with pytest.raises(ConfigError, match=r"cfg.yaml: unknown key 'data.seqlen'"):
+        load_config(path, ["data.seqlen=3"])
+    with pytest.raises(ConfigError, match=r"'data.seq_len' must be int, got str"):
+        load_config(path, ["data.seq_len=long"])
+    with pytest.raises(ConfigError, match=r"'recipes.1.weight.format' must be str"):
+        load_config(path, ["recipes.1.weight.format=8"])
+    raw = yaml.safe_load(open(path))
+    del raw["name"]
+    (tmp_path / "noname.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="missing required key 'name'"):
+        load_config(str(tmp_path / "noname.yaml"))
+    assert cli(["run", path, "data.batch_size=1.5"]) == 2
+
+
+def test_run_writes_a_complete_run_directory(tmp_path, tiny_model_dir):
+    cfg, raw = load_config(_config(tmp_path, tiny_model_dir))
+    rows = runner.run(cfg, raw, progress=False)
+    run_dir = tmp_path / "runs" / "t"
+    for f in ("config.yaml", "env.json", "metrics.jsonl", "summary.md", "summary.csv", "ppl_vs_memory.png"):
+        assert (run_dir / f).exists(), f
+    model, _ = load_pretrained(tiny_model_dir)
+    w = windows(ByteTokenizer().encode(austen("test")), 32, max_windows=4)
+    np.testing.assert_allclose(rows[0]["perplexity"], perplexity(model, w, progress=False), rtol=1e-6)
+    assert rows[1]["weight_MB"] < rows[0]["weight_MB"] and rows[2]["weight_MB"] < rows[1]["weight_MB"]
+    assert "| w8a8 |" in (run_dir / "summary.md").read_text()
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, tiny_model_dir, monkeypatch):
+    cfg, raw = load_config(_config(tmp_path, tiny_model_dir, name="full"))
+    full = runner.run(cfg, raw, progress=False)
+
+    cfg2, raw2 = load_config(_config(tmp_path, tiny_model_dir, name="interrupted"))
+    real = runner.evaluate_recipe
+    calls = []
+
+    def flaky(model, r, *a, **k):
+        calls.append(r.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed mid-run, after the first recipe was recorded
+        return real(model, r, *a, **k)
+
+    monkeypatch.setattr(runner, "evaluate_recipe", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(cfg2, raw2, progress=False)
+    metrics = tmp_path / "runs" / "interrupted" / "metrics.jsonl"
+    assert len(runner.read_metrics(str(metrics))) == 1
+    with open(metrics, "a") as f:
+        f.write('{"recipe": "w8a8", "perpl')  # a torn line from a crash during the write
+    monkeypatch.setattr(runner, "evaluate_recipe", lambda model, r, *a, **k: (calls.append(r.name), real(model, r, *a, **k))[1])
+    resumed = runner.run(cfg2, raw2, progress=False)
+    assert calls[2:] == ["w8a8", "w4 static"]  # the finished recipe was not recomputed
+    assert [r["perplexity"] for r in resumed] == pytest.approx([r["perplexity"] for r in full], rel=1e-9)
+    with pytest.raises(ConfigError, match="different config"):
+        runner.run(*load_config(_config(tmp_path, tiny_model_dir, name="interrupted"), ["data.max_windows=3"]), progress=False)
+
+
+def test_sweep_runs_the_grid_and_prints_one_table(tmp_path, tiny_model_dir, capsys):
+    path = _config(tmp_path, tiny_model_dir, name="sw")
+    assert cli(["run", path, "recipes=[{name: f}]", "--sweep", "data.seq_len=16,32"]) == 0
+    out = capsys.readouterr().out
+    assert "| data.seq_len=16 | f |" in out and "| data.seq_len=32 | f |" in out
+    dirs = sorted(os.listdir(tmp_path / "runs"))
+    assert dirs == ["sw--data_seq_len_16", "sw--data_seq_len_32"]
+    table = runner.report([str(tmp_path / "runs" / d) for d in dirs], str(tmp_path / "cmp.png"))
+    assert table.count("/f |") == 2 and (tmp_path / "cmp.png").exists()
+    ppl = [json.loads(open(tmp_path / "runs" / d / "metrics.jsonl").readline())["perplexity"] for d in dirs]
+    assert ppl[0] != ppl[1]
