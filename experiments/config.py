@@ -35,6 +35,7 @@ class RecipeConfig:
     skip: list[str] = dataclasses.field(default_factory=list)
     mode: str = "ptq"
     static_act: bool = False
+    save: bool = False  # write the quantized model as an Orbax checkpoint in the run directory
 
 
 @dataclasses.dataclass

@@ -78,9 +78,10 @@ def recipe_rules(r: RecipeConfig):
     return qjax.Recipe(tuple(rules))
 
 
-def evaluate_recipe(model, r: RecipeConfig, test_windows, calib_windows, batch_size: int) -> dict:
+def evaluate_recipe(model, r: RecipeConfig, test_windows, calib_windows, batch_size: int, run_dir: str | None = None) -> dict:
     import qjax
     from qjax.eval import perplexity
+    from tqdm.auto import tqdm
 
     t0 = time.time()
     if r.weight is None and r.act is None:
@@ -89,12 +90,16 @@ def evaluate_recipe(model, r: RecipeConfig, test_windows, calib_windows, batch_s
         recipe = recipe_rules(r)
         if r.static_act:
             cal = qjax.quantize(model, recipe, "calibrate")
-            for w in calib_windows:
+            for w in tqdm(calib_windows, desc=f"{r.name}: calibrate", unit="window"):
                 cal(jax.numpy.asarray(w[None]))
             qmodel = qjax.quantize(cal, recipe, r.mode)
         else:
             qmodel = qjax.quantize(model, recipe, r.mode)
     ppl = perplexity(qmodel, test_windows, batch_size=batch_size, desc=r.name)
+    if r.save and run_dir is not None:
+        ckpt = os.path.join(run_dir, "checkpoints", "".join(c if c.isalnum() else "_" for c in r.name))
+        if not os.path.exists(ckpt):  # Orbax finalises atomically: a crash leaves no half checkpoint here
+            qjax.save_model(qmodel, ckpt)
     nbytes = qjax.param_bytes(qmodel)
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     return {"recipe": r.name, "perplexity": ppl, "weight_MB": nbytes / 1e6, "bits_per_param": 8 * nbytes / n_params,
@@ -196,7 +201,7 @@ def run(cfg: RunConfig, raw: dict, *, progress: bool = True) -> list[dict]:
             ctoks = tok.encode(load_text(cfg.data.corpus, cfg.data.calibration_split))
             calib = calibration_windows(ctoks, cfg.data.calibration_windows, cfg.data.seq_len, jax.random.key(cfg.seed))
         for r in todo:
-            row = evaluate_recipe(model, r, test, calib, cfg.data.batch_size)
+            row = evaluate_recipe(model, r, test, calib, cfg.data.batch_size, run_dir)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
                 f.flush()

@@ -35,7 +35,7 @@ def _config(tmp_path, model_dir, **extra):
         "data": {"corpus": "austen", "split": "test", "seq_len": 32, "max_windows": 4, "batch_size": 2, "calibration_windows": 2},
         "recipes": [
             {"name": "float"},
-            {"name": "w8a8", "weight": {"format": "int8"}, "act": {"format": "int8", "granularity": "token"}},
+            {"name": "w8a8", "weight": {"format": "int8"}, "act": {"format": "int8", "granularity": "token"}, "save": True},
             {"name": "w4 static", "weight": {"format": "int4", "granularity": "group", "group_size": 16},
              "act": {"format": "int8", "granularity": "tensor"}, "static_act": True},
         ],
@@ -73,6 +73,12 @@ def test_run_writes_a_complete_run_directory(tmp_path, tiny_model_dir):
     np.testing.assert_allclose(rows[0]["perplexity"], perplexity(model, w, progress=False), rtol=1e-6)
     assert rows[1]["weight_MB"] < rows[0]["weight_MB"] and rows[2]["weight_MB"] < rows[1]["weight_MB"]
     assert "| w8a8 |" in (run_dir / "summary.md").read_text()
+    # the saved quantized model restores and reproduces the recorded perplexity
+    import qjax
+
+    template = qjax.quantize(model, runner.recipe_rules(cfg.recipes[1]), "ptq")
+    restored = qjax.restore_model(template, run_dir / "checkpoints" / "w8a8")
+    np.testing.assert_allclose(perplexity(restored, w, batch_size=2, progress=False), rows[1]["perplexity"], rtol=1e-9)
 
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, tiny_model_dir, monkeypatch):
