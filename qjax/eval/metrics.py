@@ -20,15 +20,25 @@ def token_nll(model, ids: jax.Array) -> jax.Array:
     return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
 
 
-def perplexity(model, windows: np.ndarray, *, batch_size: int = 1, progress: bool = True, desc: str = "perplexity") -> float:
+def perplexity(model, windows: np.ndarray, *, batch_size: int = 1, progress: bool = True, desc: str = "perplexity",
+               score_last: int | None = None) -> float:  # fmt: skip
     """exp(mean NLL) over (n, L) token windows, each predicting tokens 1..L-1 from their prefix
-    (GPT-Q/LLMCBench protocol: non-overlapping windows of the joined test text)."""
+    (GPT-Q/LLMCBench protocol: non-overlapping windows of the joined test text).
+
+    score_last: with overlapping (strided) windows, score only each window's last `score_last`
+    predictions (all of the first window's), so that every token is counted once with long context.
+    """
     windows = np.asarray(windows)
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be (n, L>=2) token ids, got shape {windows.shape}")
     total, count = 0.0, 0
     for i in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, unit="batch"):
         losses = np.asarray(token_nll(model, jnp.asarray(windows[i : i + batch_size])), np.float64)
+        if score_last is not None:
+            keep = np.ones(losses.shape, bool)
+            keep[:, : losses.shape[1] - score_last] = False
+            keep[: max(0, 1 - i)] = True  # the very first window scores every position
+            losses = losses[keep]
         if not np.all(np.isfinite(losses)):
             return float("nan")
         total += losses.sum()
