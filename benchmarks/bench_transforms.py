@@ -69,10 +69,11 @@ def main(argv=None) -> str:
         infer_rows.append([name, t * 1e3, t / t_inf])
     bytes_rows = []
     fb = qjax.param_bytes(model)
-    for name, recipe in (("float32", None), ("int8 per-channel", [qjax.Rule(weight=qn.QuantSpec("int8", qn.per_axis(1)))]),
-                         ("int4 group-128", [qjax.Rule(weight=qn.QuantSpec("int4", qn.per_group(0, 128)))]),
-                         ("int4 group-128, Embed too", [qjax.Rule(weight=qn.QuantSpec("int4", qn.per_group(0, 128))),
-                                                        qjax.Rule(op="embed", weight=qn.QuantSpec("int4", qn.per_axis(0)))])):  # fmt: skip
+    linear8 = qjax.Rule(op="dot_general", weight=qn.QuantSpec("int8", qn.per_axis(1)))
+    linear4 = qjax.Rule(op="dot_general", weight=qn.QuantSpec("int4", qn.per_group(0, 128)))
+    embed4 = qjax.Rule(op="embed", weight=qn.QuantSpec("int4", qn.per_axis(0)))
+    for name, recipe in (("float32", None), ("int8 per-channel (Linear)", [linear8]), ("int4 group-128 (Linear)", [linear4]),
+                         ("int4 group-128 (Linear) + int4 per-row Embed", [linear4, embed4])):  # fmt: skip
         nb = fb if recipe is None else qjax.param_bytes(qjax.quantize(model, recipe, "ptq"))
         bytes_rows.append([name, nb / 1e6, nb / fb])
     text = "\n\n".join([

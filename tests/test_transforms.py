@@ -337,5 +337,24 @@ def test_linen_dense_and_embed():
     packed = serve.quantize_params(params, ids)
     assert isinstance(packed["params"]["up"]["kernel"], qn.QArray)
     np.testing.assert_allclose(np.asarray(serve.apply(packed, ids)), np.asarray(expected), rtol=1e-4, atol=1e-4)
-    with pytest.raises(NotImplementedError, match="calibrate"):
-        qjax.quantize(net, recipe, "calibrate")
+    with pytest.raises(NotImplementedError, match="LSQ"):
+        qjax.quantize(net, [qjax.Rule(weight=w, gradient="lsq")], "qat")
+
+    # calibrate (statistics sown into "quant_stats") → static per-tensor activation scales
+    static = [qjax.Rule("up", weight=qn.QuantSpec("int8", qn.per_axis(1)), act=qn.QuantSpec("int8"), static_act=True)]
+    cal = qjax.quantize(net, static, "calibrate")
+    stats = {}
+    batches = [ids, (ids + 7) % 40]
+    for b in batches:
+        y, stats = cal.apply({**params, **stats}, b, mutable=["quant_stats"])
+        np.testing.assert_allclose(np.asarray(y), np.asarray(net.apply(params, b)), rtol=1e-6)  # float forward
+    amax = max(float(jnp.max(jnp.abs(p["embed"]["embedding"][b]))) for b in batches)
+    ptq = qjax.quantize(net, static, "serve")
+    packed = ptq.quantize_params({**params, **stats}, ids)
+    np.testing.assert_allclose(float(packed["quant_scales"]["up"]["act_scale"]), amax / 127, rtol=1e-6)
+    s = amax / 127
+    e = p["embed"]["embedding"][ids]
+    x_q = jnp.clip(jnp.round(e / s), -128, 127) * s
+    w_q = qn.quantize_dequantize(p["up"]["kernel"], qn.QuantSpec("int8", qn.per_axis(1)))
+    expected = jax.nn.relu(x_q @ w_q + p["up"]["bias"]) @ p["down"]["kernel"] + p["down"]["bias"]
+    np.testing.assert_allclose(np.asarray(ptq.apply(packed, ids)), np.asarray(expected), rtol=1e-4, atol=1e-4)

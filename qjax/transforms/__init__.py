@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
+import jax
 from flax import nnx
 
 from qjax.transforms.checkpoint import restore_model, save_model
@@ -44,10 +47,6 @@ def quantize(model, recipe: Recipe | list[Rule], mode: str = "qat"):
 
 def param_bytes(model: nnx.Module) -> int:
     """Bytes held by a model's parameters and packed weights (QArrays count their packed size)."""
-    import math
-
-    import jax
-
     state = nnx.state(model, nnx.Param, QuantizedWeight)
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state))
 

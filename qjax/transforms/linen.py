@@ -1,8 +1,10 @@
 """`quantize` for Flax Linen models, through `nn.intercept_methods` (scoped to `apply`, no patching).
 
 Supported ops: `nn.Dense` (kernel (in, out)) and `nn.Embed` (table (vocab, features)), in modes qat,
-ptq and serve with dynamic activation scales. PTQ packs the matched kernels into QArrays inside the
-params tree (`quantize_params`), so the stored model really shrinks.
+calibrate, ptq and serve. Calibration statistics are sown into the "quant_stats" collection
+(`apply(..., mutable=["quant_stats"])`); `quantize_params` packs the matched kernels into QArrays
+inside the params tree (so the stored model really shrinks) and turns statistics into static
+activation scales in the "quant_scales" collection.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from flax.core import unfreeze
 
 import qjax.ops as qo
 from qjax.numerics import QArray, quantize
+from qjax.transforms import calibration
 from qjax.transforms.apply import matmul_mode, quantize_activation, quantize_weight
 from qjax.transforms.recipe import Recipe
 
@@ -24,10 +27,8 @@ class QuantizedLinen:
     """A Linen module whose matched Dense/Embed calls are quantized; `init`/`apply` as usual."""
 
     def __init__(self, module: nn.Module, recipe: Recipe, mode: str):
-        if mode == "calibrate":
-            raise NotImplementedError("Linen models: calibrate mode is not supported; use an NNX model or dynamic scales")
-        if any(r.gradient == "lsq" or r.static_act for r in recipe.rules):
-            raise NotImplementedError("Linen models: LSQ and static activation scales need NNX state; use an NNX model")
+        if any(r.gradient == "lsq" for r in recipe.rules):
+            raise NotImplementedError("Linen models: LSQ scales are NNX parameters; use an NNX model for LSQ")
         self.module, self.recipe, self.mode = module, recipe, mode
         self.matched: dict[str, int] = {}
 
@@ -55,15 +56,28 @@ class QuantizedLinen:
         if rule is None:
             return next_fun(*args, **kwargs)
         module, mode = context.module, self.mode
+        if mode == "calibrate":
+            if rule.act is not None:
+                shape = calibration.stat_shape(rule.act, args[0].shape[-1])
+                module.sow("quant_stats", "act", args[0], init_fn=lambda: calibration.init_stats(shape),
+                           reduce_fn=lambda stats, x: calibration.observe(stats, x, rule.observer, rule.ema_decay, rule.percentile))  # fmt: skip
+            return next_fun(*args, **kwargs)
+        scale = zp = None
+        if rule.act is not None and rule.static_act:
+            if not module.has_variable("quant_scales", "act_scale"):
+                raise ValueError(f"{'.'.join(module.path)}: no static activation scale; calibrate and call quantize_params first")
+            scale = calibration.broadcast_static(module.get_variable("quant_scales", "act_scale"), args[0].ndim)
+            if module.has_variable("quant_scales", "act_zero_point"):
+                zp = calibration.broadcast_static(module.get_variable("quant_scales", "act_zero_point"), args[0].ndim)
         if isinstance(module, nn.Dense):
-            x = quantize_activation(args[0], rule, mode)
+            x = quantize_activation(args[0], rule, mode, scale, zp)
             w = quantize_weight(module.get_variable("params", "kernel"), rule, mode)
             y = qo.dot_general(x, w, (((args[0].ndim - 1,), (0,)), ((), ())), mode=matmul_mode(mode))
             bias = module.get_variable("params", "bias") if module.use_bias else None
             return y if bias is None else y + bias
         table = module.get_variable("params", "embedding")
         if context.method_name == "attend":
-            x = quantize_activation(args[0], rule, mode)
+            x = quantize_activation(args[0], rule, mode, scale, zp)
             return qo.dot_general(x, quantize_weight(table, rule, mode), (((x.ndim - 1,), (1,)), ((), ())), mode=matmul_mode(mode))
         w = quantize_weight(table, rule, "ptq")  # lookups read float rows
         return jnp.take(w, args[0], axis=0)
@@ -76,14 +90,23 @@ class QuantizedLinen:
         variables = unfreeze(variables)
         for path, rule_index in self.matched.items():
             rule = self.recipe.rules[rule_index]
-            if rule.skip or rule.weight is None:
+            if rule.skip:
                 continue
-            node = variables["params"]
-            for key in path.split("."):
-                node = node[key]
-            name = "kernel" if "kernel" in node else "embedding"
-            if not isinstance(node[name], QArray):
-                node[name] = quantize(node[name], rule.weight)
+            if rule.weight is not None:
+                node = _subtree(variables, "params", path)
+                name = "kernel" if "kernel" in node else "embedding"
+                if not isinstance(node[name], QArray):
+                    node[name] = quantize(node[name], rule.weight)
+            if rule.act is not None and rule.static_act:
+                try:
+                    stats = _subtree(variables, "quant_stats", path)["act"]
+                except KeyError:
+                    raise ValueError(f"{path}: static_act needs calibration statistics (the 'quant_stats' collection)") from None
+                scale, zp = calibration.scale_from_stats(stats, rule.act)
+                out = _subtree(variables, "quant_scales", path, create=True)
+                out["act_scale"] = scale
+                if zp is not None:
+                    out["act_zero_point"] = zp
         self.recipe.report_unused(set(self.matched.values()))
         return variables
 
@@ -91,3 +114,10 @@ class QuantizedLinen:
         if context.method_name in ("__call__", "attend"):
             self._rule_for(context.module)
         return next_fun(*args, **kwargs)
+
+
+def _subtree(variables: dict, collection: str, path: str, create: bool = False) -> dict:
+    node = variables.setdefault(collection, {}) if create else variables[collection]
+    for key in path.split("."):
+        node = node.setdefault(key, {}) if create else node[key]
+    return node
