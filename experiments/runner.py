@@ -151,10 +151,14 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        ax.scatter(r["weight_MB"], r["perplexity"], s=30)
-        ax.annotate(r["recipe"], (r["weight_MB"], r["perplexity"]), fontsize=8, xytext=(4, 2), textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    markers = "osD^v<>pPX*h"
+    for i, r in enumerate(rows):  # a legend, not annotations: recipes of similar size would overlap
+        ax.scatter(r["weight_MB"], r["perplexity"], s=40, marker=markers[i % len(markers)], label=f"{r['recipe']} ({r['perplexity']:.3f})")
+    floats = [r["perplexity"] for r in rows if r.get("bits_per_param", 0) >= 16]
+    if floats:
+        ax.axhline(floats[0], color="gray", ls="--", lw=0.8)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     ax.set_xlabel("weight memory (MB)")
     ax.set_ylabel("perplexity (lower is better)")
     finite = [r["perplexity"] for r in rows if np.isfinite(r["perplexity"])]
