@@ -9,15 +9,14 @@ not flatter; accuracy vs float32/float64 references (relative L2, cosine, mean r
 from __future__ import annotations
 
 import argparse
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from benchmarks.common import environment, markdown_table, time_fn
 from qjax.kernels.attention import int8_flash_attention, quantize_qkv
 from qjax.kernels.gemm import pack_int4_kernel_layout, w8a8_matmul, weight_only_matmul
+
+from benchmarks.common import emit, environment, markdown_table, time_fn
 
 
 def accuracy(out, ref) -> tuple[float, float, float]:
@@ -137,10 +136,7 @@ def main(argv=None):
         "## GEMM (M=N=K)\n\n" + markdown_table(["kernel", "size", "ms", "TOPS/TFLOPS", "× first row", "rel L2", "cosine", "MRE"], bench_gemm(gemm_sizes)),
         "## Attention (non-causal, forward)\n\n" + markdown_table(["kernel", "seq", "ms", "TFLOPS", "× first row", "rel L2", "cosine", "MRE"], bench_attention(seqs, **attn_kw)),
     ])  # fmt: skip
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    return emit(text, args.out)
 
 
 if __name__ == "__main__":

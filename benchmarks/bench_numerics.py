@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 import qjax.numerics as qn
 import qjax.ops as qo
-from benchmarks.common import environment, markdown_table, time_fn
+from benchmarks.common import emit, environment, markdown_table, time_fn
 
 SPECS = {
     "int8 per-channel": qn.QuantSpec("int8", qn.per_axis(1)),
@@ -78,11 +78,7 @@ def main(argv=None) -> str:
         "## matmul: integer path vs float (median ms)\n\n"
         + markdown_table(["op", "size", "ms", "GOP/s", "speed vs f32"], d_rows),
     ])  # fmt: skip
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return text
+    return emit(text, args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from flax import nnx
 
 import qjax
 import qjax.numerics as qn
-from benchmarks.common import environment, markdown_table, time_fn
+from benchmarks.common import emit, environment, markdown_table, time_fn
 from qjax.models.llama import LlamaConfig, LlamaForCausalLM
 
 CFG = LlamaConfig(vocab_size=2048, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
@@ -83,11 +83,7 @@ def main(argv=None) -> str:
         "## inference forward (median ms)\n\n" + markdown_table(["model", "ms", "× float"], infer_rows),
         "## parameter bytes\n\n" + markdown_table(["weights", "MB", "× float"], bytes_rows),
     ])  # fmt: skip
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return text
+    return emit(text, args.out)
 
 
 if __name__ == "__main__":

@@ -35,3 +35,12 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def emit(text: str, out: str | None) -> str:
+    """Print a report and, when `out` is given, also write it there."""
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+    return text

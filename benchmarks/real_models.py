@@ -19,7 +19,7 @@ import numpy as np
 
 import qjax
 import qjax.numerics as qn
-from benchmarks.common import environment, markdown_table
+from benchmarks.common import emit, environment, markdown_table
 from qjax.data import austen, load_tokenizer, windows
 from qjax.eval import embedding_fidelity, perplexity
 
@@ -91,10 +91,7 @@ def main(argv=None):
         parts.append(f"## all-MiniLM-L6-v2 — cosine of mean-pooled embeddings to the float model, {args.sentences} sentences\n\n"
                      + markdown_table(["recipe", "cosine mean", "cosine min", "param MB"], minilm(args.minilm, args.sentences)))  # fmt: skip
     text = "\n\n".join(parts)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    return emit(text, args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import jax
 import numpy as np
 import yaml
 from flax import nnx
-
 from qjax.experiments.config import ConfigError, RecipeConfig, RunConfig, SpecConfig, from_dict, load_config
 
 
@@ -79,9 +78,10 @@ def recipe_rules(r: RecipeConfig):
 
 
 def evaluate_recipe(model, r: RecipeConfig, test_windows, calib_windows, batch_size: int, run_dir: str | None = None) -> dict:
+    from tqdm.auto import tqdm
+
     import qjax
     from qjax.eval import perplexity
-    from tqdm.auto import tqdm
 
     t0 = time.time()
     if r.weight is None and r.act is None:

@@ -19,8 +19,8 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-
 from qjax.kernels.common import interpret_default, pad_to, round_up
+
 from qjax.numerics import QuantSpec, per_axis, per_token, quantize
 
 LOG2E = math.log2(math.e)
@@ -37,7 +37,7 @@ def _flash_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, vs_ref, len_ref, o_ref, *
     d = q.shape[-1]
 
     def body(j, carry):
-        m, l, acc = carry
+        m, row_sum, acc = carry
         k = k_ref[pl.ds(j * block_k, block_k), :]
         ks = ks_ref[:, pl.ds(j * block_k, block_k)]  # (1, bk)
         s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
@@ -50,14 +50,14 @@ def _flash_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, vs_ref, len_ref, o_ref, *
         m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
         p = jnp.where(keep, jnp.exp2(s - m_new), 0.0)
         alpha = jnp.exp2(m - m_new)
-        l = l * alpha + jnp.sum(p, axis=1, keepdims=True)
+        row_sum = row_sum * alpha + jnp.sum(p, axis=1, keepdims=True)
         v = v_ref[pl.ds(j * block_k, block_k), :]
         if pv == "int8":
             p8 = jnp.floor(p * 127.0 + 0.5).astype(jnp.int8)
             pv_ = jax.lax.dot_general(p8, v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32).astype(jnp.float32)
         else:
             pv_ = jax.lax.dot_general(p.astype(jnp.bfloat16), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        return m_new, l, acc * alpha + pv_
+        return m_new, row_sum, acc * alpha + pv_
 
     if causal:  # blocks entirely above the diagonal contribute nothing
         last = (qi + 1) * block_q + offset
@@ -65,10 +65,10 @@ def _flash_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, vs_ref, len_ref, o_ref, *
     else:
         n_iter = n_k
     init = (jnp.full((block_q, 1), MASKED, jnp.float32), jnp.zeros((block_q, 1), jnp.float32), jnp.zeros((block_q, d), jnp.float32))
-    m, l, acc = jax.lax.fori_loop(0, n_iter, body, init)
+    _, row_sum, acc = jax.lax.fori_loop(0, n_iter, body, init)
     if pv == "int8":
         acc = acc * (vs_ref[...] / 127.0)
-    o_ref[...] = jnp.where(l > 0, acc / jnp.where(l > 0, l, 1.0), 0.0).astype(o_ref.dtype)
+    o_ref[...] = jnp.where(row_sum > 0, acc / jnp.where(row_sum > 0, row_sum, 1.0), 0.0).astype(o_ref.dtype)
 
 
 def int8_flash_attention(

@@ -12,7 +12,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-
 from qjax.kernels.common import DEFAULT_TUNER, interpret_default, pad_to, round_up
 
 GEMM_BLOCKS = ((128, 128, 128), (128, 256, 128), (64, 128, 128), (128, 128, 64), (64, 64, 64))

@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from qjax.kernels.attention import int8_flash_attention, quantize_qkv
 from qjax.kernels.gemm import pack_int4_kernel_layout, w8a8_matmul, weight_only_matmul
 

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import yaml
 from flax import nnx
+from qjax.experiments import runner
+from qjax.experiments.config import ConfigError, load_config
 
 from qjax.__main__ import main as cli
 from qjax.data import ByteTokenizer, austen, windows
 from qjax.eval import perplexity
-from qjax.experiments import runner
-from qjax.experiments.config import ConfigError, load_config
 from qjax.models import load_pretrained
 from qjax.models.export import save_llama
 from qjax.models.llama import LlamaConfig, LlamaForCausalLM

@@ -13,11 +13,13 @@ from qjax.layers import AttentionOp
 from qjax.models.common import CausalSelfAttention
 
 
-def _from_hf(cls, d: dict, renames: dict[str, str] | None = None):
-    renames = renames or {}
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kw = {renames.get(k, k): v for k, v in d.items() if renames.get(k, k) in fields}
-    return cls(**kw)
+class _FromHF:
+    """`from_hf(config.json dict)`: keep the keys that are fields of the config dataclass."""
+
+    @classmethod
+    def from_hf(cls, d: dict):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in fields})
 
 
 def _ln(d, eps, dtype, param_dtype, rngs):
@@ -28,7 +30,7 @@ def _ln(d, eps, dtype, param_dtype, rngs):
 
 
 @dataclasses.dataclass(frozen=True)
-class OPTConfig:
+class OPTConfig(_FromHF):
     vocab_size: int
     hidden_size: int
     ffn_dim: int
@@ -41,9 +43,6 @@ class OPTConfig:
     activation_function: str = "relu"
     layer_norm_eps: float = 1e-5  # HF OPT uses nn.LayerNorm's default
 
-    @classmethod
-    def from_hf(cls, d: dict) -> OPTConfig:
-        return _from_hf(cls, d)
 
 
 class OPTLayer(nnx.Module):
@@ -127,7 +126,7 @@ def opt_name(hf: str):
 
 
 @dataclasses.dataclass(frozen=True)
-class GPT2Config:
+class GPT2Config(_FromHF):
     vocab_size: int
     n_embd: int
     n_layer: int
@@ -137,9 +136,6 @@ class GPT2Config:
     layer_norm_epsilon: float = 1e-5
     activation_function: str = "gelu_new"
 
-    @classmethod
-    def from_hf(cls, d: dict) -> GPT2Config:
-        return _from_hf(cls, d)
 
 
 class GPT2Attention(nnx.Module):
@@ -215,7 +211,7 @@ def gpt2_name(hf: str):
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig:
+class BertConfig(_FromHF):
     vocab_size: int
     hidden_size: int
     num_hidden_layers: int
@@ -226,9 +222,6 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     hidden_act: str = "gelu"
 
-    @classmethod
-    def from_hf(cls, d: dict) -> BertConfig:
-        return _from_hf(cls, d)
 
 
 class _Dense(nnx.Module):

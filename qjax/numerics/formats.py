@@ -107,7 +107,7 @@ class Format:
         return f"Format({self.name})"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _grid_cached(fmt: Format) -> np.ndarray:
     if fmt.kind == "int":
         return np.arange(fmt.qmin, fmt.qmax + 1, dtype=np.float64)
@@ -125,7 +125,7 @@ def _grid(fmt: Format) -> np.ndarray:
     return grid
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _code_of_sorted(fmt: Format) -> np.ndarray:
     """For each value of the sorted grid, the code that stores it (the smallest such code)."""
     book = np.asarray(fmt.codebook, np.float64)
