@@ -105,3 +105,33 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     (path / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=3)))
     with pytest.raises(ValueError, match="no tensor for parameter"):
         qm.load_pretrained(path)
+
+
+def test_bf16_parameters_load_and_quantize(tmp_path):
+    _, path, ref = _save(tmp_path, "llama")
+    model, _ = qm.load_pretrained(path, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
+    assert model.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
+    logits = model(jnp.asarray(IDS))
+    assert logits.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(logits, np.float32), ref, rtol=0.05, atol=0.05)
+    rule = qjax.Rule(op="dot_general", weight=qn.QuantSpec("int8", qn.per_axis(1)), act=qn.QuantSpec("int8", qn.per_token()))
+    served = qjax.quantize(model, [rule], "serve")
+    out = np.asarray(served(jnp.asarray(IDS)), np.float32)
+    assert np.isfinite(out).all() and np.abs(out - ref).max() < 0.1
+
+
+def test_scanned_layers_match_transformers_and_quantize_like_unrolled(tmp_path):
+    _, path, ref = _save(tmp_path, "llama")
+    scanned, cfg = qm.load_pretrained(path, scan_layers=True)
+    assert cfg.scan_layers and scanned.layers.mlp.up_proj.kernel[...].shape == (2, 64, 96)
+    np.testing.assert_allclose(np.asarray(scanned(jnp.asarray(IDS))), ref, rtol=1e-4, atol=1e-4)
+    unrolled, _ = qm.load_pretrained(path)
+    rule = qjax.Rule(op="dot_general", weight=qn.QuantSpec("int4", qn.per_group(0, 32)), act=qn.QuantSpec("int8", qn.per_token()))
+    for mode in ("ptq", "serve"):
+        a = qjax.quantize(scanned, [rule], mode)(jnp.asarray(IDS))
+        b = qjax.quantize(unrolled, [rule], mode)(jnp.asarray(IDS))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="no option"):
+        qm.load_pretrained(path, scan_layer=True)
+    with pytest.raises(NotImplementedError, match="scan_layers=False"):
+        qm.generate(scanned, jnp.asarray(IDS[:, :3]), 2)

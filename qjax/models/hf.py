@@ -8,6 +8,7 @@ per parameter, so no device ever holds the whole float model first.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -110,13 +111,19 @@ def read_config(directory: str) -> dict:
         return json.load(f)
 
 
-def build(config: dict, *, dtype=None, param_dtype=jnp.float32):
-    """(model class instance built abstractly, config object, name mapper) for an HF config dict."""
+def build(config: dict, *, dtype=None, param_dtype=jnp.float32, **options):
+    """(model built abstractly, config object, name mapper) for an HF config dict; `options` override
+    config fields (e.g. scan_layers=True for the Llama family)."""
     model_type = config.get("model_type")
     if model_type not in FAMILIES:
         raise ValueError(f"unknown architecture model_type={model_type!r}; supported: {sorted(FAMILIES)}")
     cfg_cls, model_cls, mapper = FAMILIES[model_type]
     cfg = cfg_cls.from_hf(config)
+    if options:
+        unknown = set(options) - {f.name for f in dataclasses.fields(cfg)}
+        if unknown:
+            raise ValueError(f"{model_type} models have no option(s) {sorted(unknown)}")
+        cfg = dataclasses.replace(cfg, **options)
     abstract = nnx.eval_shape(lambda: model_cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     return abstract, cfg, mapper
 
@@ -127,21 +134,25 @@ def fill_state(abstract: nnx.Module, tensors: dict[str, np.ndarray], mapper, *, 
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
     filled = set()
+    stacks: dict[tuple, dict[int, np.ndarray]] = {}  # scanned layers: path without the index → {layer: tensor}
     for name, array in tensors.items():
         mapped = mapper(name)
         if mapped is None:
             continue
         path, transpose = mapped
+        value = array.T if transpose else array
+        if path not in flat and len(path) > 1 and isinstance(path[1], int) and (path[:1] + path[2:]) in flat:
+            stacks.setdefault(path[:1] + path[2:], {})[path[1]] = value
+            continue
         if path not in flat:
             raise ValueError(f"{source}: tensor {name!r} has no place in the model (config and weights disagree)")
-        var = flat[path]
-        value = array.T if transpose else array
-        if tuple(value.shape) != tuple(var.get_value().shape):
-            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(array.shape)}, the config implies "
-                             f"{tuple(var.get_value().shape)}{' (transposed)' if transpose else ''}")  # fmt: skip
-        value = np.asarray(value, dtype=param_dtype)
-        sharding = sharding_fn(".".join(map(str, path)), value.shape) if sharding_fn else None
-        var.set_value(jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value))
+        _place(flat, path, value, name, transpose, param_dtype, sharding_fn, source)
+        filled.add(path)
+    for path, layers in stacks.items():
+        n = flat[path].get_value().shape[0]
+        if sorted(layers) != list(range(n)):
+            raise ValueError(f"{source}: stacked parameter {'.'.join(map(str, path))} needs layers 0..{n - 1}, got {sorted(layers)}")
+        _place(flat, path, np.stack([layers[i] for i in range(n)]), ".".join(map(str, path)), False, param_dtype, sharding_fn, source)
         filled.add(path)
     missing = [".".join(map(str, p)) for p, v in flat.items() if isinstance(v, nnx.Param) and p not in filled]
     if missing:
@@ -152,12 +163,24 @@ def fill_state(abstract: nnx.Module, tensors: dict[str, np.ndarray], mapper, *, 
     return nnx.merge(graphdef, state)
 
 
+def _place(flat, path, value, name, transpose, param_dtype, sharding_fn, source) -> None:
+    """Check one tensor's shape against the abstract parameter and put it on its device(s)."""
+    var = flat[path]
+    if tuple(value.shape) != tuple(var.get_value().shape):
+        raise ValueError(f"{source}: tensor {name!r} has shape {tuple(value.shape)}{' (transposed)' if transpose else ''}, "
+                         f"the config implies {tuple(var.get_value().shape)}")  # fmt: skip
+    value = np.asarray(value, dtype=param_dtype)
+    sharding = sharding_fn(".".join(map(str, path)), value.shape) if sharding_fn else None
+    var.set_value(jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value))
+
+
 def load_pretrained(path_or_id: str | os.PathLike, *, dtype=None, param_dtype=jnp.float32,
-                    sharding_fn: ShardingFn | None = None):  # fmt: skip
-    """(model, config) from a Hugging Face checkpoint directory or hub id."""
+                    sharding_fn: ShardingFn | None = None, **options):  # fmt: skip
+    """(model, config) from a Hugging Face checkpoint directory or hub id; `options` override config
+    fields (`scan_layers=True` stacks Llama-family layers for nnx.scan)."""
     directory = resolve_checkpoint(path_or_id)
     config = read_config(directory)
-    abstract, cfg, mapper = build(config, dtype=dtype, param_dtype=param_dtype)
+    abstract, cfg, mapper = build(config, dtype=dtype, param_dtype=param_dtype, **options)
     tensors = read_safetensors(directory)
     if cfg_tied(config) and "lm_head.weight" in tensors:
         tensors.pop("lm_head.weight")  # tied: the head is the embedding

@@ -32,6 +32,7 @@ class LlamaConfig:
     mlp_bias: bool = False
     hidden_act: str = "silu"
     max_position_embeddings: int = 4096
+    scan_layers: bool = False  # stack the layers' parameters and run them with nnx.scan (one compiled layer)
 
     @property
     def kv_heads(self) -> int:
@@ -91,7 +92,16 @@ class LlamaForCausalLM(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = cfg
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, dtype, param_dtype, rngs) for _ in range(cfg.num_hidden_layers)])
+        if cfg.scan_layers:
+
+            @nnx.split_rngs(splits=cfg.num_hidden_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def stacked(rngs):
+                return DecoderLayer(cfg, dtype, param_dtype, rngs)
+
+            self.layers = stacked(rngs)  # one DecoderLayer whose parameters have a leading layer axis
+        else:
+            self.layers = nnx.List([DecoderLayer(cfg, dtype, param_dtype, rngs) for _ in range(cfg.num_hidden_layers)])
         self.norm = nnx.RMSNorm(cfg.hidden_size, epsilon=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.lm_head = nnx.data(None)
         if not cfg.tie_word_embeddings:
@@ -103,12 +113,22 @@ class LlamaForCausalLM(nnx.Module):
         cfg = self.config
         x = self.embed_tokens(ids)
         inv_freq = rope_frequencies(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling)  # constant-folded under jit
-        for layer in self.layers:
-            x = layer(x, positions, inv_freq, mask)
+        if cfg.scan_layers:
+
+            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+            def run_layers(layer, x):
+                return layer(x, positions, inv_freq, mask)
+
+            x = run_layers(self.layers, x)
+        else:
+            for layer in self.layers:
+                x = layer(x, positions, inv_freq, mask)
         x = self.norm(x)
         return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32, spec=None) -> None:
+        if self.config.scan_layers:
+            raise NotImplementedError("KV-cache decoding runs layer by layer; load the model with scan_layers=False")
         for layer in self.layers:
             layer.self_attn.init_cache(batch, max_len, dtype, spec)
 
