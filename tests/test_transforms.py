@@ -358,3 +358,51 @@ def test_linen_dense_and_embed():
     w_q = qn.quantize_dequantize(p["up"]["kernel"], qn.QuantSpec("int8", qn.per_axis(1)))
     expected = jax.nn.relu(x_q @ w_q + p["up"]["bias"]) @ p["down"]["kernel"] + p["down"]["bias"]
     np.testing.assert_allclose(np.asarray(ptq.apply(packed, ids)), np.asarray(expected), rtol=1e-4, atol=1e-4)
+
+
+class GatedProjection(nnx.Module):
+    """A custom layer with raw einsum / dot_general calls on its own parameters (no hook, no Linear)."""
+
+    def __init__(self, rngs):
+        self.w_in = nnx.Param(jax.random.normal(rngs.params(), (24, 2, 16)) / 5)  # (d, heads, k)
+        self.w_out = nnx.Param(jax.random.normal(rngs.params(), (32, 24)) / 5)  # (k*heads, d), used transposed
+        self.gain = nnx.Param(jnp.ones((24,)))
+
+    def __call__(self, x):
+        h = jnp.einsum("btd,dhk->bthk", x * self.gain[...], self.w_in[...])
+        h = jax.nn.relu(h).reshape(*x.shape[:2], 32)
+        return jax.lax.dot_general(h, self.w_out[...].T.T, (((2,), (0,)), ((), ())))
+
+
+def test_custom_module_matmuls_are_intercepted_without_patching():
+    m = GatedProjection(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 5, 24))
+    wspec = qn.QuantSpec("int4", qn.per_axis(-1))  # in each parameter's own layout
+    aspec = qn.QuantSpec("int8", qn.per_token())
+    rule = qjax.Rule("proj", weight=wspec, act=aspec)
+
+    def reference(fq_w):
+        w_in, w_out = fq_w(m.w_in[...]), fq_w(m.w_out[...])
+        h = jnp.einsum("btd,dhk->bthk", qn.quantize_dequantize(x * m.gain[...], aspec), w_in)
+        h = jax.nn.relu(h).reshape(2, 5, 32)
+        return qn.quantize_dequantize(h, aspec) @ w_out
+
+    class Holder(nnx.Module):
+        def __init__(self):
+            self.proj = m
+
+        def __call__(self, x):
+            return self.proj(x)
+
+    for mode in ("qat", "ptq", "serve"):
+        q = qjax.quantize(Holder(), [rule], mode)
+        assert isinstance(q.proj, qjax.transforms.QIntercepted)
+        expected = reference(lambda w: qn.quantize_dequantize(w, wspec))
+        np.testing.assert_allclose(np.asarray(q(x)), np.asarray(expected), rtol=1e-5, atol=1e-5)
+        if mode != "qat":
+            assert isinstance(q.proj.inner.w_in.get_value(), qn.QArray) and not isinstance(q.proj.inner.gain.get_value(), qn.QArray)
+    # gradients flow (STE) through the intercepted module in QAT
+    q = qjax.quantize(Holder(), [rule], "qat")
+    g = nnx.grad(lambda mod: jnp.sum(mod(x) ** 2))(q)
+    assert np.abs(np.asarray(g["proj"]["inner"]["w_in"][...])).sum() > 0
+    assert qjax.param_bytes(qjax.quantize(Holder(), [rule], "ptq")) < 0.3 * qjax.param_bytes(Holder())

@@ -9,6 +9,7 @@ import jax
 from flax import nnx
 
 from qjax.transforms.checkpoint import restore_model, save_model
+from qjax.transforms.intercept import QIntercepted
 from qjax.transforms.linen import QuantizedLinen
 from qjax.transforms.nnx_modules import (
     LearnedScale,
@@ -52,7 +53,7 @@ def param_bytes(model: nnx.Module) -> int:
 
 
 __all__ = [
-    "MODES", "LearnedScale", "QConv", "QDotGeneral", "QEinsum", "QEmbed", "QLinear", "QuantStat", "QuantizedLinen",
+    "MODES", "LearnedScale", "QConv", "QDotGeneral", "QEinsum", "QEmbed", "QIntercepted", "QLinear", "QuantStat", "QuantizedLinen",
     "QuantizedOp", "QuantizedWeight", "Recipe", "Rule", "StaticScale", "param_bytes", "quantize", "quantize_gradient",
     "quantized_ops", "restore_model", "save_model",
 ]  # fmt: skip

@@ -6,6 +6,7 @@ from flax import nnx
 
 from qjax.layers import AttentionOp, KVCache
 from qjax.transforms.apply import matmul_mode
+from qjax.transforms.intercept import QIntercepted
 from qjax.transforms.nnx_modules import QConv, QDotGeneral, QEinsum, QEmbed, QLinear, QuantizedOp
 from qjax.transforms.recipe import Recipe
 
@@ -60,8 +61,24 @@ def quantize_nnx(model: nnx.Module, recipe: Recipe, mode: str) -> nnx.Module:
                 features = getattr(module, "in_features", None)
                 hook = QDotGeneral(match[1], mode, name, features if isinstance(features, int) else None)
                 module.dot_general = nnx.data(hook)  # a module with state, where a plain function stood
+        elif path and _is_custom_leaf_with_weights(module):
+            match = recipe.match(name, "dot_general") or recipe.match(name, "einsum")
+            if match is None:
+                continue
+            used.add(match[0])
+            if not match[1].skip:
+                _set_child(model, path, QIntercepted(module, match[1], mode, name))
     recipe.report_unused(used - {-1})
     return model
+
+
+def _is_custom_leaf_with_weights(module: nnx.Module) -> bool:
+    """A user-defined module with its own ≥2-D parameters and no submodules: a candidate for interception."""
+    if type(module).__module__.startswith(("flax.", "qjax.")):
+        return False
+    if len(list(nnx.iter_modules(module))) != 1:
+        return False
+    return any(v.get_value().ndim >= 2 for _, v in nnx.to_flat_state(nnx.state(module, nnx.Param)))
 
 
 def _configure_attention(module, rule, mode: str) -> None:
