@@ -26,6 +26,16 @@ class SpecConfig:
 
 
 @dataclasses.dataclass
+class FinetuneConfig:
+    """Quantization-aware finetuning (mode "qat") on the calibration split before conversion."""
+
+    steps: int = 100
+    learning_rate: float = 1e-3
+    batch_size: int = 8
+    checkpoint_every: int = 25
+
+
+@dataclasses.dataclass
 class RecipeConfig:
     """A named recipe: one rule for every Linear (optionally skipping paths), evaluated in `mode`."""
 
@@ -36,6 +46,7 @@ class RecipeConfig:
     mode: str = "ptq"
     static_act: bool = False
     save: bool = False  # write the quantized model as an Orbax checkpoint in the run directory
+    finetune: FinetuneConfig | None = None
 
 
 @dataclasses.dataclass

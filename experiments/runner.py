@@ -77,17 +77,26 @@ def recipe_rules(r: RecipeConfig):
     return qjax.Recipe(tuple(rules))
 
 
-def evaluate_recipe(model, r: RecipeConfig, test_windows, calib_windows, batch_size: int, run_dir: str | None = None) -> dict:
+def evaluate_recipe(model, r: RecipeConfig, test_windows, calib_windows, batch_size: int, run_dir: str | None = None,
+                    train_tokens=None, seed: int = 0) -> dict:  # fmt: skip
     from tqdm.auto import tqdm
 
     import qjax
     from qjax.eval import perplexity
 
     t0 = time.time()
+    losses = None
     if r.weight is None and r.act is None:
         qmodel = model
     else:
         recipe = recipe_rules(r)
+        if r.finetune is not None:  # QAT first; its learned weights (and LSQ scales) are then converted
+            from qjax.experiments.finetune import finetune
+
+            qat = qjax.quantize(model, recipe, "qat")
+            ckpt = None if run_dir is None else os.path.join(run_dir, "checkpoints", _slug(r.name) + "-qat")
+            losses = finetune(qat, train_tokens, r.finetune, test_windows.shape[1] - 1, seed, ckpt, desc=f"{r.name}: QAT")
+            model = qat
         if r.static_act:
             cal = qjax.quantize(model, recipe, "calibrate")
             for w in tqdm(calib_windows, desc=f"{r.name}: calibrate", unit="window"):
@@ -97,13 +106,20 @@ def evaluate_recipe(model, r: RecipeConfig, test_windows, calib_windows, batch_s
             qmodel = qjax.quantize(model, recipe, r.mode)
     ppl = perplexity(qmodel, test_windows, batch_size=batch_size, desc=r.name)
     if r.save and run_dir is not None:
-        ckpt = os.path.join(run_dir, "checkpoints", "".join(c if c.isalnum() else "_" for c in r.name))
+        ckpt = os.path.join(run_dir, "checkpoints", _slug(r.name))
         if not os.path.exists(ckpt):  # Orbax finalises atomically: a crash leaves no half checkpoint here
             qjax.save_model(qmodel, ckpt)
     nbytes = qjax.param_bytes(qmodel)
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    return {"recipe": r.name, "perplexity": ppl, "weight_MB": nbytes / 1e6, "bits_per_param": 8 * nbytes / n_params,
-            "seconds": round(time.time() - t0, 2)}  # fmt: skip
+    row = {"recipe": r.name, "perplexity": ppl, "weight_MB": nbytes / 1e6, "bits_per_param": 8 * nbytes / n_params,
+           "seconds": round(time.time() - t0, 2)}  # fmt: skip
+    if losses:
+        row["finetune_loss_first"], row["finetune_loss_last"] = losses[0], losses[-1]
+    return row
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -200,12 +216,12 @@ def run(cfg: RunConfig, raw: dict, *, progress: bool = True) -> list[dict]:
         model, tok = load_model(cfg)
         tokens = tok.encode(load_text(cfg.data.corpus, cfg.data.split))
         test = windows(tokens, cfg.data.seq_len, max_windows=cfg.data.max_windows)
-        calib = None
-        if any(r.static_act for r in todo):
+        calib = ctoks = None
+        if any(r.static_act or r.finetune for r in todo):
             ctoks = tok.encode(load_text(cfg.data.corpus, cfg.data.calibration_split))
             calib = calibration_windows(ctoks, cfg.data.calibration_windows, cfg.data.seq_len, jax.random.key(cfg.seed))
         for r in todo:
-            row = evaluate_recipe(model, r, test, calib, cfg.data.batch_size, run_dir)
+            row = evaluate_recipe(model, r, test, calib, cfg.data.batch_size, run_dir, ctoks, cfg.seed)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
                 f.flush()
@@ -224,7 +240,7 @@ def run(cfg: RunConfig, raw: dict, *, progress: bool = True) -> list[dict]:
 def _write_csv(path: str, rows: list[dict]) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
     os.replace(tmp, path)

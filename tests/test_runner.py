@@ -121,3 +121,34 @@ def test_sweep_runs_the_grid_and_prints_one_table(tmp_path, tiny_model_dir, caps
     assert table.count("/f |") == 2 and (tmp_path / "cmp.png").exists()
     ppl = [json.loads(open(tmp_path / "runs" / d / "metrics.jsonl").readline())["perplexity"] for d in dirs]
     assert ppl[0] != ppl[1]
+
+
+def test_qat_finetuning_resumes_from_its_latest_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    from qjax.experiments import finetune as ft
+
+    recipe = {"name": "w4a8 qat", "weight": {"format": "int4", "granularity": "group", "group_size": 16},
+              "act": {"format": "int8", "granularity": "token"}, "finetune": {"steps": 6, "learning_rate": 3e-3, "batch_size": 2, "checkpoint_every": 2}}  # fmt: skip
+    cfg, raw = load_config(_config(tmp_path, tiny_model_dir, name="ft-full", recipes=[recipe]))
+    (full,) = runner.run(cfg, raw, progress=False)
+    assert full["finetune_loss_last"] < full["finetune_loss_first"]
+
+    cfg2, raw2 = load_config(_config(tmp_path, tiny_model_dir, name="ft-cut", recipes=[recipe]))
+    real_batch = ft.batch_at
+    seen = []
+
+    def killed_at_step_3(tokens, step, *a):
+        if step == 3:
+            raise KeyboardInterrupt
+        seen.append(step)
+        return real_batch(tokens, step, *a)
+
+    monkeypatch.setattr(ft, "batch_at", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(cfg2, raw2, progress=False)
+    ckpts = tmp_path / "runs" / "ft-cut" / "checkpoints" / "w4a8_qat-qat"
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["2"]
+    monkeypatch.setattr(ft, "batch_at", lambda tokens, step, *a: (seen.append(step), real_batch(tokens, step, *a))[1])
+    (resumed,) = runner.run(cfg2, raw2, progress=False)
+    assert seen == [0, 1, 2, 2, 3, 4, 5]  # steps 0-1 checkpointed at 2; step 2 was lost with the interrupt and redone
+    assert resumed["finetune_loss_last"] == pytest.approx(full["finetune_loss_last"], rel=1e-6)
+    assert resumed["perplexity"] == pytest.approx(full["perplexity"], rel=1e-6)
