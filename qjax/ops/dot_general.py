@@ -255,7 +255,7 @@ def einsum(
 
     Specs refer to the operands' own axes, so quantization is independent of how the einsum is lowered.
     """
-    ins, out = _parse_einsum(subscripts, _ndim(lhs), _ndim(rhs))
+    ins, out = _parse_einsum(subscripts, lhs.ndim, rhs.ndim)
     (l_in, r_in) = ins
     batch = [c for c in l_in if c in r_in and c in out]
     contract = [c for c in l_in if c in r_in and c not in out]
@@ -273,10 +273,6 @@ def einsum(
     )  # fmt: skip
     produced = batch + [c for c in l_in if c not in r_in] + [c for c in r_in if c not in l_in]
     return jnp.transpose(y, [produced.index(c) for c in out])
-
-
-def _ndim(x) -> int:
-    return x.ndim
 
 
 def _parse_einsum(subscripts: str, ndim_l: int, ndim_r: int) -> tuple[tuple[str, str], str]:

@@ -13,6 +13,7 @@ serve = integer path (int8×int8→int32; the Pallas kernels on GPU when availab
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -75,13 +76,14 @@ def _vmap_leading(fn, x: jax.Array, n_leading: int):
 class QuantizedOp(nnx.Module):
     """Common state and activation/weight handling for every quantized op."""
 
-    def _init_quant(self, rule: Rule, mode: str, path: str, features: int, weight_ndim: int, n_stacked: int):
-        self.rule, self.mode, self.path = rule, mode, path
-        self.weight_ndim, self.n_stacked = weight_ndim, n_stacked
+    def _init_quant(self, rule: Rule, mode: str, path: str, features: int, n_stacked: int):
+        """Common state; the op starts in qat (or calibrate) and `convert` then moves it to `mode`."""
+        self.rule, self.mode, self.path = rule, ("calibrate" if mode == "calibrate" else "qat"), path
+        self.n_stacked = n_stacked
         self.act_stats = nnx.data(None)
         self.act_scale = nnx.data(None)
         self.weight_scale = nnx.data(None)
-        if rule.act is not None and (rule.static_act or mode == "calibrate"):
+        if rule.act is not None and (rule.static_act or self.mode == "calibrate"):
             stack = self._stack_shape()  # stacked (scanned) layers get one set of statistics each
             stats = calibration.init_stats(calibration.stat_shape(rule.act, features))
             self.act_stats = QuantStat(jax.tree.map(lambda a: jnp.broadcast_to(a, stack + a.shape), stats))
@@ -124,12 +126,13 @@ class QuantizedOp(nnx.Module):
         rule, old = self.rule, self.mode
         if old in ("ptq", "serve") and mode in ("qat", "calibrate"):
             raise ValueError(f"{self.path}: cannot go from {old!r} back to {mode!r}: the float weights were packed")
-        if mode == "qat" and rule.gradient == "lsq" and rule.weight is not None and self.weight_scale is None:
+        has_kernel = self.kernel is not None  # a dot_general hook quantizes its host's weight per call
+        if mode == "qat" and rule.gradient == "lsq" and rule.weight is not None and has_kernel and self.weight_scale is None:
             self.weight_scale = LearnedScale(
                 _vmap_leading(lambda k: init_lsq_scale(k, rule.weight), self.kernel.get_value(), self.n_stacked)
             )
         if mode in ("ptq", "serve"):
-            if rule.weight is not None and not isinstance(self.kernel.get_value(), QArray):
+            if rule.weight is not None and has_kernel and not isinstance(self.kernel.get_value(), QArray):
                 learned = None if self.weight_scale is None else self.weight_scale.get_value()
 
                 def pack(k, s=None):
@@ -166,7 +169,7 @@ class QLinear(QuantizedOp):
         self.kernel = linear.kernel
         self.bias = linear.bias
         self.dtype = linear.dtype
-        self._init_quant(rule, "qat" if mode != "calibrate" else "calibrate", path, linear.in_features, 2,
+        self._init_quant(rule, mode, path, linear.in_features,
                          _stacked(linear.kernel.get_value(), 2))  # fmt: skip
         self.convert(mode)
 
@@ -190,8 +193,8 @@ class QEinsum(QuantizedOp):
         self.dtype = einsum.dtype
         lhs, rhs = self.einsum_str.split("->")[0].split(",")
         kshape = einsum.kernel.get_value().shape
-        features = int(jnp.prod(jnp.array([kshape[rhs.index(c)] for c in lhs if c in rhs] or [1])))
-        self._init_quant(rule, "qat" if mode != "calibrate" else "calibrate", path, features, len(rhs),
+        features = math.prod(kshape[rhs.index(c)] for c in lhs if c in rhs)
+        self._init_quant(rule, mode, path, features,
                          _stacked(einsum.kernel.get_value(), len(rhs)))  # fmt: skip
         self.convert(mode)
 
@@ -230,7 +233,7 @@ class QConv(QuantizedOp):
         self.input_dilation = _tuple(conv.input_dilation, n)
         self.kernel_dilation = _tuple(conv.kernel_dilation, n)
         self.feature_group_count = conv.feature_group_count
-        self._init_quant(rule, "qat" if mode != "calibrate" else "calibrate", path, conv.in_features, n + 2,
+        self._init_quant(rule, mode, path, conv.in_features,
                          _stacked(conv.kernel.get_value(), n + 2))  # fmt: skip
         self.convert(mode)
 
@@ -271,7 +274,7 @@ class QEmbed(QuantizedOp):
         self.num_embeddings, self.features = embed.num_embeddings, embed.features
         self.kernel = embed.embedding  # named kernel so the shared weight logic applies
         self.dtype = embed.dtype
-        self._init_quant(rule, "qat" if mode != "calibrate" else "calibrate", path, embed.features, 2,
+        self._init_quant(rule, mode, path, embed.features,
                          _stacked(embed.embedding.get_value(), 2))  # fmt: skip
         self.convert(mode)
 
@@ -316,26 +319,16 @@ class QDotGeneral(QuantizedOp):
     """
 
     def __init__(self, rule: Rule, mode: str, path: str, features: int | None = None):
+        if rule.act is not None and (rule.static_act or mode == "calibrate") and features is None:
+            raise ValueError(f"{path}: static activation scales need the input feature count (an `in_features` attribute)")
+        if rule.gradient == "lsq":
+            raise NotImplementedError(f"{path}: LSQ scales live with the weight; quantize a Linear/Einsum/Conv module for LSQ")
         self.kernel = nnx.data(None)
-        self.rule, self.mode, self.path = rule, mode, path
-        self.weight_ndim = self.n_stacked = 0
-        self.act_scale = nnx.data(None)
-        self.weight_scale = nnx.data(None)
-        self.act_stats = nnx.data(None)
-        if rule.act is not None and (rule.static_act or mode == "calibrate"):
-            if features is None:
-                raise ValueError(f"{path}: static activation scales need the input feature count")
-            self.act_stats = QuantStat(calibration.init_stats(calibration.stat_shape(rule.act, features)))
+        self._init_quant(rule, mode, path, features or 0, 0)
+        self.convert(mode)
 
     def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **_):
         x = self._activation(lhs)
         y = qo.dot_general(x, self._weight(rhs), dimension_numbers, precision, preferred_element_type,
                            mode=self._matmul_mode())  # fmt: skip
         return self._output(y)
-
-    def convert(self, mode: str) -> None:
-        rule = self.rule
-        if mode in ("ptq", "serve") and rule.act is not None and rule.static_act and self.act_scale is None:
-            scale, zp = calibration.scale_from_stats(self.act_stats.get_value(), rule.act)
-            self.act_scale = StaticScale({"scale": scale, "zero_point": zp})
-        self.mode = mode
