@@ -66,10 +66,12 @@ def test_gemm_errors():
 # ---- attention -------------------------------------------------------------------------------------------
 
 
-def _qkv(b, h, hkv, t, s, d):
-    q = jnp.asarray(RNG.standard_normal((b, h, t, d)), jnp.float32)
-    k = jnp.asarray(RNG.standard_normal((b, hkv, s, d)), jnp.float32)
-    v = jnp.asarray(RNG.standard_normal((b, hkv, s, d)), jnp.float32)
+def _qkv(b, h, hkv, t, s, d, seed=0):
+    """Inputs from their own generator, so that a test's data never depends on which tests ran before."""
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((b, h, t, d)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b, hkv, s, d)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((b, hkv, s, d)), jnp.float32)
     return q, k, v
 
 
@@ -104,12 +106,16 @@ def _reference(q8, k8, v, qs, ks, vs, causal, lengths, quantize_p):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
 def test_int8_attention_single_block_equals_fake_quant_reference(d, causal):
-    q, k, v = _qkv(1, 4, 2, 19, 29, d)
+    q, k, v = _qkv(1, 4, 2, 19, 29, d, seed=d + causal)
     q8, k8, v8, qs, ks, vs = quantize_qkv(q, k, v, k_smooth=False)
     out = int8_flash_attention(q8, k8, v8, qs, ks, vs, causal=causal, block_q=32, block_k=32, out_dtype=jnp.float32, poison=True)
     ref = _reference(q8, k8, v8, qs, ks, vs, causal, None, quantize_p=True)
-    assert not np.isnan(np.asarray(out)).any()
-    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4, atol=1e-4)
+    out = np.asarray(out)
+    assert not np.isnan(out).any()
+    # exp2 in float32 vs exp in float64 can move one P value across a boundary of its 1/127 grid
+    # (one level, rarely); everything else agrees to float32 rounding
+    diff = np.abs(out - ref)
+    assert np.mean(diff < 1e-4) > 0.99 and diff.max() < 1.5 * np.abs(np.asarray(v8, np.float64) * np.asarray(vs)[:, :, None]).max() / 127
 
 
 @pytest.mark.parametrize("pv", ["int8", "bf16"])
@@ -162,3 +168,45 @@ def test_kernels_lower_natively_on_gpu():
     args = quantize_qkv(q, k, v)
     out = int8_flash_attention(*args, causal=True, interpret=False, out_dtype=jnp.float32)
     assert jax.devices()[0].platform == "gpu" and np.isfinite(np.asarray(out)).all()
+
+
+# ---- dispatch from qjax.ops (forced on CPU: the kernels run in interpret mode) ------------------------
+
+
+@pytest.mark.parametrize("rhs_gran", ["channel", "group"])
+def test_ops_dot_general_dispatches_w8a8_to_the_kernel(rhs_gran):
+    import qjax.numerics as qn
+    import qjax.ops as qo
+
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.standard_normal((2, 7, 96)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((96, 40)), jnp.float32)
+    ls = qn.QuantSpec("int8", qn.per_token())
+    rs = qn.QuantSpec("int8", qn.per_axis(1) if rhs_gran == "channel" else qn.per_group(0, 32))
+    dn = (((2,), (0,)), ((), ()))
+    via_kernel = qo.dot_general(x, w, dn, lhs_spec=ls, rhs_spec=rs, mode="int", use_kernels=True)
+    via_xla = qo.dot_general(x, w, dn, lhs_spec=ls, rhs_spec=rs, mode="int", use_kernels=False)
+    np.testing.assert_allclose(np.asarray(via_kernel), np.asarray(via_xla), rtol=1e-5, atol=1e-5)
+    jaxpr = lambda flag: str(jax.make_jaxpr(lambda x, w: qo.dot_general(x, w, dn, lhs_spec=ls, rhs_spec=rs, mode="int", use_kernels=flag))(x, w))  # noqa: E731
+    assert "pallas_call" in jaxpr(True) and "pallas_call" not in jaxpr(False)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_ops_attention_dispatches_int_flash_config_to_the_kernel(causal):
+    import qjax.numerics as qn
+    import qjax.ops as qo
+
+    rng = np.random.default_rng(7)  # own generator: inputs must not depend on test order
+    q = jnp.asarray(rng.standard_normal((2, 13, 4, 64)), jnp.float32)  # (B, T, H, D)
+    k = jnp.asarray(rng.standard_normal((2, 29, 2, 64)), jnp.float32)  # GQA: 2 KV heads; S fits one key block
+    v = jnp.asarray(rng.standard_normal((2, 29, 2, 64)), jnp.float32)
+    tok = qn.QuantSpec("int8", qn.per_token())
+    vch = qn.QuantSpec("int8", qn.per_axis(0, 2, 3))
+    lengths = jnp.array([29, 17])
+    kw = dict(causal=causal, q_spec=tok, k_spec=tok, v_spec=vch, p_scale=1 / 127, mode="int", kv_lengths=lengths)
+    via_kernel = qo.attention(q, k, v, use_kernels=True, **kw)
+    via_xla = qo.attention(q, k, v, use_kernels=False, **kw)
+    diff = np.abs(np.asarray(via_kernel) - np.asarray(via_xla))
+    # The kernel's exp2 with folded constants and XLA's exp differ in the last bits, which can move a
+    # P value across a rounding boundary of its 1/127 grid: one level on one element, never more.
+    assert diff.mean() < 1e-4 and diff.max() < 3 * float(jnp.abs(v).max()) / 127 / 2

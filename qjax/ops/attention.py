@@ -13,8 +13,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from qjax.numerics import QArray, QuantSpec, fake_quant, quantize
-from qjax.ops.dot_general import integer_dot_general
+from qjax.numerics import QArray, QuantSpec, fake_quant, per_axis, per_token, quantize
+from qjax.ops.dot_general import integer_dot_general, use_kernels_default
 
 NEG_INF = -1e30
 
@@ -39,8 +39,15 @@ def attention(
     p_scale: float | None = None,
     k_smooth: bool = False,
     mode: str = "fake",
+    kv_lengths: jax.Array | None = None,
+    use_kernels: bool | None = None,
 ) -> jax.Array:
-    """softmax(q kᵀ · scale + mask) v with quantized operands; returns (B, T, H, D) in q's dtype."""
+    """softmax(q kᵀ · scale + mask) v with quantized operands; returns (B, T, H, D) in q's dtype.
+
+    kv_lengths (B,): valid keys per batch element (a padding mask the kernel understands). In the
+    integer path, INT-FlashAttention's configuration (int8 per-token Q/K, int8 V per channel, P with
+    the fixed 1/127 scale, no other mask) runs the Pallas kernel when `use_kernels` (default: on GPU).
+    """
     b, t, h, d = q.shape
     s_len, hkv = k.shape[1], k.shape[2]
     if k.shape != v.shape[:3] + (k.shape[3],) or k.shape[0] != b or k.shape[3] != d:
@@ -52,6 +59,11 @@ def attention(
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     if k_smooth:
         k = k - jnp.mean(k, axis=1, keepdims=True)
+    if mode == "int" and mask is None and use_kernels_default(use_kernels) and _kernel_config(q_spec, k_spec, v_spec, p_spec, p_scale):
+        return _flash_kernel_path(q, k, v, q_spec, k_spec, v_spec, causal, scale, kv_lengths)
+    if kv_lengths is not None:
+        valid = (jnp.arange(s_len)[None, :] < kv_lengths[:, None])[:, None, None, :]
+        mask = valid if mask is None else mask & valid
     keep = _combined_mask(mask, causal, b, h, t, s_len)
     out_dtype = q.dtype
 
@@ -82,6 +94,30 @@ def attention(
         o = jnp.einsum("bhts,bshd->bhtd", pf, vf)
     o = o / jnp.where(denom > 0, denom, 1.0)
     return o.transpose(0, 2, 1, 3).astype(out_dtype)
+
+
+def _kernel_config(q_spec, k_spec, v_spec, p_spec, p_scale) -> bool:
+    """Whether the specs are exactly what the INT8 flash-attention kernel computes."""
+    def int8(spec):
+        return spec is not None and spec.format.name == "int8" and spec.symmetric and spec.scale_mode == "float"
+
+    token = per_token()
+    return (int8(q_spec) and int8(k_spec) and q_spec.granularity == token and k_spec.granularity == token
+            and int8(v_spec) and v_spec.granularity == per_axis(0, 2, 3) and p_spec is None and p_scale is not None
+            and abs(p_scale - 1 / 127) < 1e-12)  # fmt: skip
+
+
+def _flash_kernel_path(q, k, v, q_spec, k_spec, v_spec, causal, scale, kv_lengths):
+    from qjax.kernels.attention import int8_flash_attention  # kernels sit below ops
+
+    qq, kq, vq = quantize(q, q_spec), quantize(k, k_spec), quantize(v, v_spec)
+    to_bhtd = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731
+    out = int8_flash_attention(
+        to_bhtd(qq.values), to_bhtd(kq.values), to_bhtd(vq.values), qq.scale[..., 0].transpose(0, 2, 1),
+        kq.scale[..., 0].transpose(0, 2, 1), vq.scale[:, 0], kv_lengths=kv_lengths, causal=causal, sm_scale=scale,
+        out_dtype=jnp.float32,
+    )  # fmt: skip
+    return to_bhtd(out).astype(q.dtype)
 
 
 def _combined_mask(mask, causal, b, h, t, s):

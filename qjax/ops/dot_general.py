@@ -39,6 +39,7 @@ def dot_general(
     lhs_key: jax.Array | None = None,
     rhs_key: jax.Array | None = None,
     gradient: str = "ste",
+    use_kernels: bool | None = None,
 ) -> jax.Array:
     """`jax.lax.dot_general` with quantized operands (see the module docstring for the two paths)."""
     if mode not in ("fake", "int"):
@@ -51,7 +52,7 @@ def dot_general(
     a = _int_operand(lhs, lhs_spec, lhs_key)
     b = _int_operand(rhs, rhs_spec, rhs_key)
     if isinstance(a, QArray) and isinstance(b, QArray) and _integer_ok(a) and _integer_ok(b):
-        return integer_dot_general(a, b, dimension_numbers, out_dtype)
+        return integer_dot_general(a, b, dimension_numbers, out_dtype, use_kernels)
     # One side float (weight-only W4A16-style, or a non-integer format): dequantize, float dot.
     a = a.dequantize(out_dtype) if isinstance(a, QArray) else a
     b = b.dequantize(out_dtype) if isinstance(b, QArray) else b
@@ -87,13 +88,20 @@ def _integer_ok(q: QArray) -> bool:
 # ---- the integer path -----------------------------------------------------------------------------
 
 
-def integer_dot_general(lhs: QArray, rhs: QArray, dimension_numbers: DimensionNumbers, out_dtype=jnp.float32) -> jax.Array:
+def use_kernels_default(use_kernels: bool | None) -> bool:
+    """Pallas kernels are used on GPU unless told otherwise (True forces them: interpret mode on CPU)."""
+    return jax.default_backend() == "gpu" if use_kernels is None else use_kernels
+
+
+def integer_dot_general(lhs: QArray, rhs: QArray, dimension_numbers: DimensionNumbers, out_dtype=jnp.float32,
+                        use_kernels: bool | None = None) -> jax.Array:  # fmt: skip
     """Exact integer accumulation of two integer QArrays, rescaled in float32.
 
     Equals `dot_general(lhs.dequantize(), rhs.dequantize())` up to float32 rounding of the rescale.
+    The common W8A8 layout goes to the Pallas GEMM when `use_kernels` (default: on GPU).
     """
     (lc, rc), (lb, rb) = [[tuple(a % q.ndim for a in axes) for axes, q in zip(pair, (lhs, rhs))] for pair in dimension_numbers]
-    if jax.default_backend() == "gpu":
+    if use_kernels_default(use_kernels):
         fast = _gemm_kernel(lhs, rhs, lc, rc, lb, rb, out_dtype)
         if fast is not None:
             return fast
