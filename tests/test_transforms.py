@@ -406,3 +406,32 @@ def test_custom_module_matmuls_are_intercepted_without_patching():
     g = nnx.grad(lambda mod: jnp.sum(mod(x) ** 2))(q)
     assert np.abs(np.asarray(g["proj"]["inner"]["w_in"][...])).sum() > 0
     assert qjax.param_bytes(qjax.quantize(Holder(), [rule], "ptq")) < 0.3 * qjax.param_bytes(Holder())
+
+
+def test_linen_conv_dense_general_einsum_weights_and_inputs():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, img):
+            h = nn.Conv(8, (3, 3), padding="SAME", name="conv")(img)  # kernel (3, 3, 4, 8)
+            h = nn.DenseGeneral((2, 4), name="dg")(jax.nn.relu(h))  # kernel (8, 2, 4)
+            return h.sum(axis=(-1, -2))
+
+    net = Net()
+    img = jax.random.normal(jax.random.key(0), (2, 6, 6, 4))
+    params = net.init(jax.random.key(1), img)
+    w = qn.QuantSpec("int4", qn.per_axis(-1))
+    a = qn.QuantSpec("int8", qn.per_tensor())
+    recipe = [qjax.Rule(weight=w, act=a)]
+    p = params["params"]
+    h = jax.lax.conv_general_dilated(qn.quantize_dequantize(img, a), qn.quantize_dequantize(p["conv"]["kernel"], w), (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["conv"]["bias"]  # fmt: skip
+    h = jnp.einsum("bxyc,cij->bxyij", qn.quantize_dequantize(jax.nn.relu(h), a), qn.quantize_dequantize(p["dg"]["kernel"], w)) + p["dg"]["bias"]
+    expected = h.sum(axis=(-1, -2))
+    qat = qjax.quantize(net, recipe, "qat")
+    np.testing.assert_allclose(np.asarray(qat.apply(params, img)), np.asarray(expected), rtol=1e-4, atol=1e-4)
+    g = jax.grad(lambda prm: jnp.sum(qat.apply(prm, img) ** 2))(params)  # STE through the tree quantization
+    assert float(jnp.abs(g["params"]["conv"]["kernel"]).sum()) > 0
+    ptq = qjax.quantize(net, recipe, "ptq")
+    packed = ptq.quantize_params(params, img)
+    assert isinstance(packed["params"]["conv"]["kernel"], qn.QArray) and isinstance(packed["params"]["dg"]["kernel"], qn.QArray)
+    np.testing.assert_allclose(np.asarray(ptq.apply(packed, img)), np.asarray(expected), rtol=1e-4, atol=1e-4)

@@ -1,10 +1,12 @@
 """`quantize` for Flax Linen models, through `nn.intercept_methods` (scoped to `apply`, no patching).
 
-Supported ops: `nn.Dense` (kernel (in, out)) and `nn.Embed` (table (vocab, features)), in modes qat,
-calibrate, ptq and serve. Calibration statistics are sown into the "quant_stats" collection
-(`apply(..., mutable=["quant_stats"])`); `quantize_params` packs the matched kernels into QArrays
-inside the params tree (so the stored model really shrinks) and turns statistics into static
-activation scales in the "quant_scales" collection.
+Ops: `nn.Dense` and `nn.Embed` are computed by qjax (the integer path in serve mode); `nn.DenseGeneral`,
+`nn.Einsum`, `nn.Conv` and `nn.ConvTranspose` keep their own code: their ≥2-D parameters are quantized
+in the variables tree before `apply` (in each parameter's own layout) and their input activation is
+quantized by the interceptor. Modes qat, calibrate, ptq, serve. Calibration statistics are sown into
+the "quant_stats" collection (`apply(..., mutable=["quant_stats"])`); `quantize_params` packs the
+matched weights into QArrays inside the params tree (so the stored model really shrinks) and turns
+statistics into static activation scales in the "quant_scales" collection.
 """
 
 from __future__ import annotations
@@ -20,24 +22,55 @@ from qjax.transforms import calibration
 from qjax.transforms.apply import matmul_mode, quantize_activation, quantize_weight
 from qjax.transforms.recipe import Recipe
 
-_KINDS = {nn.Dense: "dot_general", nn.Embed: "embed"}
+_KINDS = {
+    nn.Dense: "dot_general", nn.Embed: "embed",  # computed by qjax
+    nn.DenseGeneral: "dot_general", nn.Einsum: "einsum", nn.Conv: "conv", nn.ConvTranspose: "conv",  # own code
+}  # fmt: skip
+_OWN_CODE = (nn.DenseGeneral, nn.Einsum, nn.Conv, nn.ConvTranspose)
 
 
 class QuantizedLinen:
-    """A Linen module whose matched Dense/Embed calls are quantized; `init`/`apply` as usual."""
+    """A Linen module whose matched ops are quantized; `init`/`apply` as usual (see the module docstring)."""
 
     def __init__(self, module: nn.Module, recipe: Recipe, mode: str):
         if any(r.gradient == "lsq" for r in recipe.rules):
             raise NotImplementedError("Linen models: LSQ scales are NNX parameters; use an NNX model for LSQ")
         self.module, self.recipe, self.mode = module, recipe, mode
-        self.matched: dict[str, int] = {}
+        self.matched: dict[str, int] = {}  # module path -> rule index, found by tracing one call
+        self.own_code: set[str] = set()  # matched paths whose weights are quantized in the tree
 
     def init(self, *args, **kwargs):
         return self.module.init(*args, **kwargs)
 
     def apply(self, variables, *args, **kwargs):
+        if not self.matched:
+            self._trace(variables, args, kwargs)
+        variables = self._tree_weights(variables)
         with nn.intercept_methods(self._intercept):
             return self.module.apply(variables, *args, **kwargs)
+
+    def _trace(self, variables, args, kwargs) -> None:
+        """Find the matched ops (and their kinds) by tracing one call abstractly."""
+        self.matched.clear()
+        self.own_code.clear()
+        floats = jax.tree.map(lambda v: v.dequantize() if isinstance(v, QArray) else v, variables, is_leaf=lambda v: isinstance(v, QArray))
+        with nn.intercept_methods(self._record):
+            jax.eval_shape(lambda v: self.module.apply(v, *args, **kwargs), floats)
+
+    def _tree_weights(self, variables):
+        """Quantize (qat: fake, STE) or dequantize (ptq/serve: packed QArrays) the weights of own-code ops."""
+        if not self.own_code:
+            return variables
+        variables = unfreeze(variables)
+        for path in self.own_code:
+            rule = self.recipe.rules[self.matched[path]]
+            node = _subtree(variables, "params", path)
+            for name, value in list(node.items()):
+                if isinstance(value, QArray):
+                    node[name] = value.dequantize()
+                elif getattr(value, "ndim", 0) >= 2 and rule.weight is not None:
+                    node[name] = quantize_weight(value, rule, "qat" if self.mode != "calibrate" else "calibrate")
+        return variables
 
     def _rule_for(self, module: nn.Module):
         kind = next((k for t, k in _KINDS.items() if type(module) is t), None)
@@ -47,6 +80,8 @@ class QuantizedLinen:
         match = self.recipe.match(path, kind)
         if match is not None:
             self.matched[path] = match[0]
+            if isinstance(module, _OWN_CODE) and not match[1].skip:
+                self.own_code.add(path)
         return None if match is None or match[1].skip else match[1]
 
     def _intercept(self, next_fun, args, kwargs, context):
@@ -69,6 +104,9 @@ class QuantizedLinen:
             scale = calibration.broadcast_static(module.get_variable("quant_scales", "act_scale"), args[0].ndim)
             if module.has_variable("quant_scales", "act_zero_point"):
                 zp = calibration.broadcast_static(module.get_variable("quant_scales", "act_zero_point"), args[0].ndim)
+        if isinstance(module, _OWN_CODE):  # weights were handled in the tree; quantize the input, run its code
+            x = quantize_activation(args[0], rule, "ptq" if mode == "serve" else mode, scale, zp)
+            return next_fun(x, *args[1:], **kwargs)
         if isinstance(module, nn.Dense):
             x = quantize_activation(args[0], rule, mode, scale, zp)
             w = quantize_weight(module.get_variable("params", "kernel"), rule, mode)
@@ -83,10 +121,8 @@ class QuantizedLinen:
         return jnp.take(w, args[0], axis=0)
 
     def quantize_params(self, variables, *example_args, **example_kwargs):
-        """Pack every matched kernel into a QArray (ptq/serve); finds the ops by tracing one example call."""
-        self.matched.clear()
-        with nn.intercept_methods(self._record):
-            jax.eval_shape(lambda v: self.module.apply(v, *example_args, **example_kwargs), variables)
+        """Pack every matched weight into a QArray (ptq/serve); finds the ops by tracing one example call."""
+        self._trace(variables, example_args, example_kwargs)
         variables = unfreeze(variables)
         for path, rule_index in self.matched.items():
             rule = self.recipe.rules[rule_index]
@@ -94,9 +130,9 @@ class QuantizedLinen:
                 continue
             if rule.weight is not None:
                 node = _subtree(variables, "params", path)
-                name = "kernel" if "kernel" in node else "embedding"
-                if not isinstance(node[name], QArray):
-                    node[name] = quantize(node[name], rule.weight)
+                for name, value in list(node.items()):
+                    if getattr(value, "ndim", 0) >= 2 and not isinstance(value, QArray):
+                        node[name] = quantize(value, rule.weight)
             if rule.act is not None and rule.static_act:
                 try:
                     stats = _subtree(variables, "quant_stats", path)["act"]
