@@ -406,6 +406,11 @@ def test_custom_module_matmuls_are_intercepted_without_patching():
     g = nnx.grad(lambda mod: jnp.sum(mod(x) ** 2))(q)
     assert np.abs(np.asarray(g["proj"]["inner"]["w_in"][...])).sum() > 0
     assert qjax.param_bytes(qjax.quantize(Holder(), [rule], "ptq")) < 0.3 * qjax.param_bytes(Holder())
+    # qat → ptq converts the existing wrapper instead of wrapping its inner module again
+    p2 = qjax.quantize(qjax.quantize(Holder(), [rule], "qat"), [rule], "ptq")
+    assert isinstance(p2.proj, qjax.transforms.QIntercepted) and not isinstance(p2.proj.inner, qjax.transforms.QIntercepted)
+    assert isinstance(p2.proj.inner.w_in.get_value(), qn.QArray)
+    np.testing.assert_allclose(np.asarray(p2(x)), np.asarray(qjax.quantize(Holder(), [rule], "ptq")(x)), rtol=1e-6)
 
 
 def test_linen_conv_dense_general_einsum_weights_and_inputs():

@@ -27,8 +27,12 @@ def quantize_nnx(model: nnx.Module, recipe: Recipe, mode: str) -> nnx.Module:
     """A copy of `model` with every op matched by `recipe` quantized in `mode`; the original is untouched."""
     model = nnx.clone(model)
     used: set[int] = set()
-    for path, module in list(nnx.iter_modules(model)):
+    modules = list(nnx.iter_modules(model))
+    quantized = [p for p, m in modules if isinstance(m, QuantizedOp)]
+    for path, module in modules:
         name = path_str(path)
+        if any(path[: len(q)] == q and len(path) > len(q) for q in quantized):
+            continue  # inside a quantized op (e.g. the module an interceptor wraps): its owner handles it
         if isinstance(module, QuantizedOp):  # already quantized: move to the new mode
             module.convert(mode)
             used.add(_rule_index(recipe, module))
