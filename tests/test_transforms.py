@@ -121,6 +121,28 @@ def test_calibrate_then_static_ptq_uses_observed_ranges(block_and_input):
         qjax.quantize(block, [rule], "ptq")  # static scales without calibration
 
 
+def test_nan_in_calibration_data_is_a_clear_error(block_and_input):
+    block, x = block_and_input
+    rule = qjax.Rule("up", weight=qn.QuantSpec("int8", qn.per_axis(1)), act=qn.QuantSpec("int8"), static_act=True)
+    cal = qjax.quantize(block, [rule], "calibrate")
+    cal(x.at[0, 3, 5].set(jnp.nan))
+    with pytest.raises(ValueError, match="calibration statistics contain NaN"):
+        qjax.quantize(cal, [rule], "ptq")
+
+
+def test_mixed_formats_per_layer_first_match_wins(block_and_input):
+    block, x = block_and_input
+    recipe = [
+        qjax.Rule("q|k", weight=qn.QuantSpec("int8", qn.per_axis(1))),
+        qjax.Rule("v", weight=qn.QuantSpec("fp8_e4m3", qn.per_axis(1))),
+        qjax.Rule("up|down", weight=qn.QuantSpec("nf4", qn.per_group(0, 64))),
+        qjax.Rule(".*", weight=qn.QuantSpec("int2", qn.per_group(0, 32))),  # catch-all: only `o` is left for it
+    ]
+    ops = qjax.transforms.quantized_ops(qjax.quantize(block, recipe, "ptq"))
+    formats = {p: op.kernel.get_value().format.name for p, op in ops.items()}
+    assert formats == {"q": "int8", "k": "int8", "v": "fp8_e4m3", "up": "nf4", "down": "nf4", "o": "int2"}
+
+
 def test_percentile_and_ema_observers():
     from qjax.transforms import calibration
 

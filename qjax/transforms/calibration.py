@@ -1,6 +1,8 @@
 """Range observers for calibration: pure functions from (stats, batch) to new stats, and stats to scales.
 
-Stats are a dict {min, max, count} of float32 arrays, per tensor (shape ()) or per feature (shape (F,)).
+Stats are a dict {min, max, count, nonfinite} of float32 arrays: min/max per tensor (shape ()) or per
+feature (shape (F,)), the number of batches seen, and the number of NaN/Inf values met (min/max
+reductions skip NaN on some backends, so non-finite inputs are counted explicitly).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def init_stats(shape: tuple[int, ...]) -> dict[str, jnp.ndarray]:
         "min": jnp.full(shape, jnp.inf, jnp.float32),
         "max": jnp.full(shape, -jnp.inf, jnp.float32),
         "count": jnp.zeros((), jnp.float32),
+        "nonfinite": jnp.zeros((), jnp.float32),
     }
 
 
@@ -52,13 +55,18 @@ def observe(stats: dict, x: jnp.ndarray, observer: str, ema_decay: float = 0.01,
         new_hi = jnp.where(first, hi, (stats["max"] * n + hi) / (n + 1))
     else:
         raise ValueError(f"unknown observer {observer!r}")
-    return {"min": new_lo, "max": new_hi, "count": n + 1}
+    bad = jnp.sum(~jnp.isfinite(flat)).astype(jnp.float32)
+    return {"min": new_lo, "max": new_hi, "count": n + 1, "nonfinite": stats["nonfinite"] + bad}
 
 
 def scale_from_stats(stats: dict, spec: QuantSpec) -> tuple[jnp.ndarray, jnp.ndarray | None]:
     """Static scale (and zero point) from calibrated statistics, as the spec's range rule would give."""
     if bool(jnp.any(stats["count"] == 0)):
         raise ValueError("no calibration statistics: run the model in 'calibrate' mode on some batches first")
+    bad = int(jnp.sum(stats["nonfinite"]))
+    if bad or not bool(jnp.all(jnp.isfinite(stats["min"])) and jnp.all(jnp.isfinite(stats["max"]))):
+        raise ValueError(f"calibration statistics contain NaN/Inf ({bad} non-finite activation values seen): "
+                         "the calibration batches, or the activations they produced, were not finite")  # fmt: skip
     fmt = spec.format
     lo = jnp.minimum(stats["min"], 0.0) * spec.clip_ratio
     hi = jnp.maximum(stats["max"], 0.0) * spec.clip_ratio
