@@ -206,7 +206,7 @@ def weight_only_matmul(
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     if group_size <= 0 or group_size % 16:
         raise ValueError(f"group_size must be a positive multiple of 16, got {group_size}")
-    block_k = block_k or max(group_size, 128 if group_size <= 128 else group_size)
+    block_k = block_k or max(group_size, 128)
     if block_k % group_size:
         raise ValueError(f"block_k ({block_k}) must be a multiple of group_size ({group_size})")
     if bits == 4 and w.shape[1] * 2 != round_up(k, block_k):

@@ -66,11 +66,11 @@ quantize_gradient.defvjp(_qg_fwd, _qg_bwd)
 # ---- shared machinery -----------------------------------------------------------------------------------
 
 
-def _vmap_leading(fn, x: jax.Array, n_leading: int):
-    """Apply `fn` to the trailing dims of `x`, mapped over `n_leading` stacked (e.g. scanned-layer) axes."""
+def _vmap_leading(fn, n_leading: int, *args):
+    """Apply `fn` to the trailing dims of `args`, mapped over `n_leading` stacked (e.g. scanned-layer) axes."""
     for _ in range(n_leading):
         fn = jax.vmap(fn)
-    return fn(x)
+    return fn(*args)
 
 
 class QuantizedOp(nnx.Module):
@@ -89,11 +89,8 @@ class QuantizedOp(nnx.Module):
             self.act_stats = QuantStat(jax.tree.map(lambda a: jnp.broadcast_to(a, stack + a.shape), stats))
 
     def _stack_shape(self) -> tuple[int, ...]:
-        return tuple(self._float_kernel().shape[: self.n_stacked]) if self.n_stacked else ()
-
-    def _float_kernel(self) -> jax.Array:
-        value = self.kernel.get_value()
-        return value if not isinstance(value, QArray) else value.dequantize()
+        """Leading layer axes of a stacked float kernel (the op is built before any packing)."""
+        return tuple(self.kernel.get_value().shape[: self.n_stacked]) if self.n_stacked else ()
 
     # -- operands
     def _activation(self, x: jax.Array):
@@ -129,24 +126,16 @@ class QuantizedOp(nnx.Module):
         has_kernel = self.kernel is not None  # a dot_general hook quantizes its host's weight per call
         if mode == "qat" and rule.gradient == "lsq" and rule.weight is not None and has_kernel and self.weight_scale is None:
             self.weight_scale = LearnedScale(
-                _vmap_leading(lambda k: init_lsq_scale(k, rule.weight), self.kernel.get_value(), self.n_stacked)
+                _vmap_leading(lambda k: init_lsq_scale(k, rule.weight), self.n_stacked, self.kernel.get_value())
             )
         if mode in ("ptq", "serve"):
             if rule.weight is not None and has_kernel and not isinstance(self.kernel.get_value(), QArray):
-                learned = None if self.weight_scale is None else self.weight_scale.get_value()
+                learned = () if self.weight_scale is None else (self.weight_scale.get_value(),)  # LSQ scales carry over
 
                 def pack(k, s=None):
                     return quantize(k, rule.weight.replace(rounding="nearest"), scale=s)
 
-                kernel = self.kernel.get_value()
-                if learned is None:
-                    packed = _vmap_leading(pack, kernel, self.n_stacked)
-                else:
-                    fn = pack
-                    for _ in range(self.n_stacked):
-                        fn = jax.vmap(fn)
-                    packed = fn(kernel, learned)
-                self.kernel = QuantizedWeight(packed)
+                self.kernel = QuantizedWeight(_vmap_leading(pack, self.n_stacked, self.kernel.get_value(), *learned))
                 self.weight_scale = None
             if rule.act is not None and rule.static_act and self.act_scale is None:
                 if self.act_stats is None:
