@@ -14,9 +14,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from tqdm.auto import tqdm
-
 from qjax.experiments.config import FinetuneConfig
+from tqdm.auto import tqdm
 
 
 def lm_loss(model, batch: jax.Array) -> jax.Array:
