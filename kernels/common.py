@@ -35,15 +35,18 @@ def pad_to(x: jax.Array, shape: Sequence[int], value=0) -> jax.Array:
 class Autotuner:
     """Times candidate block configurations once per (kernel, shape, dtype) key and remembers the fastest.
 
-    On CPU (interpret mode) timing is meaningless, so the first candidate is used without timing.
+    On CPU (interpret mode) timing is meaningless, and under a trace (jit/grad) nothing can be timed, so
+    then the cached choice or the first candidate is used without timing (call once eagerly to tune).
     """
 
     cache: dict = dataclasses.field(default_factory=dict)
     repeats: int = 5
 
-    def pick(self, key, candidates: Sequence, run: Callable[[object], jax.Array]):
+    def pick(self, key, candidates: Sequence, run: Callable[[object], jax.Array], traced: bool = False):
         if key in self.cache:
             return self.cache[key]
+        if traced:
+            return candidates[0]  # don't cache: an eager call may still tune this shape
         if not on_gpu() or len(candidates) == 1:
             self.cache[key] = candidates[0]
             return candidates[0]

@@ -121,7 +121,9 @@ def w8a8_matmul(
         )(*args)
         return out[:m, :n]
 
-    cfg = blocks or DEFAULT_TUNER.pick(("w8a8", m, n, k, group_size, raw_int32, str(out_dtype)), _fit(GEMM_BLOCKS, m, n, k), run)
+    traced = any(isinstance(x, jax.core.Tracer) for x in (a, w, a_scale, w_scale))
+    key = ("w8a8", m, n, k, group_size, raw_int32, str(out_dtype))
+    cfg = blocks or DEFAULT_TUNER.pick(key, _fit(GEMM_BLOCKS, m, n, k), run, traced=traced)
     return run(cfg)
 
 

@@ -210,3 +210,17 @@ def test_ops_attention_dispatches_int_flash_config_to_the_kernel(causal):
     # The kernel's exp2 with folded constants and XLA's exp differ in the last bits, which can move a
     # P value across a rounding boundary of its 1/127 grid: one level on one element, never more.
     assert diff.mean() < 1e-4 and diff.max() < 3 * float(jnp.abs(v).max()) / 127 / 2
+
+
+def test_autotuner_caches_per_shape_and_never_times_under_a_trace():
+    from qjax.kernels.common import Autotuner
+
+    calls = []
+    tuner = Autotuner()
+    run = lambda cfg: calls.append(cfg) or jnp.zeros(())  # noqa: E731
+    assert tuner.pick("k", [(1,), (2,)], run, traced=True) == (1,) and "k" not in tuner.cache
+    assert tuner.pick("k", [(1,), (2,)], run) == (1,)  # on CPU: first candidate, cached, nothing timed
+    assert tuner.cache["k"] == (1,) and calls == []
+    jitted = jax.jit(lambda a, w: w8a8_matmul(a, jnp.ones(16), w, jnp.ones(16), raw_int32=True))
+    a, w = _int8((16, 32)), _int8((16, 32))
+    np.testing.assert_array_equal(np.asarray(jitted(a, w)), np.asarray(a, np.int64) @ np.asarray(w, np.int64).T)
