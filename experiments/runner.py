@@ -86,24 +86,24 @@ def evaluate_recipe(model, r: RecipeConfig, test_windows, calib_windows, batch_s
 
     t0 = time.time()
     losses = None
-    if r.weight is None and r.act is None:
-        qmodel = model
-    else:
-        recipe = recipe_rules(r)
-        if r.finetune is not None:  # QAT first; its learned weights (and LSQ scales) are then converted
-            from qjax.experiments.finetune import finetune
+    quantized = r.weight is not None or r.act is not None
+    recipe = recipe_rules(r) if quantized else None
+    if r.finetune is not None:  # QAT (or, with no specs, a float baseline) first; learned weights/scales are then converted
+        from qjax.experiments.finetune import finetune
 
-            qat = qjax.quantize(model, recipe, "qat")
-            ckpt = None if run_dir is None else os.path.join(run_dir, "checkpoints", _slug(r.name) + "-qat")
-            losses = finetune(qat, train_tokens, r.finetune, test_windows.shape[1] - 1, seed, ckpt, desc=f"{r.name}: QAT")
-            model = qat
-        if r.static_act:
-            cal = qjax.quantize(model, recipe, "calibrate")
-            for w in tqdm(calib_windows, desc=f"{r.name}: calibrate", unit="window"):
-                cal(jax.numpy.asarray(w[None]))
-            qmodel = qjax.quantize(cal, recipe, r.mode)
-        else:
-            qmodel = qjax.quantize(model, recipe, r.mode)
+        tuned = qjax.quantize(model, recipe, "qat") if quantized else nnx.clone(model)
+        ckpt = None if run_dir is None else os.path.join(run_dir, "checkpoints", _slug(r.name) + "-finetune")
+        losses = finetune(tuned, train_tokens, r.finetune, test_windows.shape[1] - 1, seed, ckpt, desc=f"{r.name}: finetune")
+        model = tuned
+    if not quantized:
+        qmodel = model
+    elif r.static_act:
+        cal = qjax.quantize(model, recipe, "calibrate")
+        for w in tqdm(calib_windows, desc=f"{r.name}: calibrate", unit="window"):
+            cal(jax.numpy.asarray(w[None]))
+        qmodel = qjax.quantize(cal, recipe, r.mode)
+    else:
+        qmodel = qjax.quantize(model, recipe, r.mode)
     ppl = perplexity(qmodel, test_windows, batch_size=batch_size, desc=r.name)
     if r.save and run_dir is not None:
         ckpt = os.path.join(run_dir, "checkpoints", _slug(r.name))

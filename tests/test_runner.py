@@ -145,7 +145,7 @@ def test_qat_finetuning_resumes_from_its_latest_checkpoint(tmp_path, tiny_model_
     monkeypatch.setattr(ft, "batch_at", killed_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         runner.run(cfg2, raw2, progress=False)
-    ckpts = tmp_path / "runs" / "ft-cut" / "checkpoints" / "w4a8_qat-qat"
+    ckpts = tmp_path / "runs" / "ft-cut" / "checkpoints" / "w4a8_qat-finetune"
     assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["2"]
     monkeypatch.setattr(ft, "batch_at", lambda tokens, step, *a: (seen.append(step), real_batch(tokens, step, *a))[1])
     (resumed,) = runner.run(cfg2, raw2, progress=False)
