@@ -67,7 +67,8 @@ def attention(
     keep = _combined_mask(mask, causal, b, h, t, s_len)
     out_dtype = q.dtype
 
-    if mode == "int" and all(sp is None or sp.format.kind == "int" for sp in (q_spec, k_spec)) and q_spec and k_spec:
+    is_int = lambda spec: spec is not None and spec.format.kind == "int"  # noqa: E731
+    if mode == "int" and is_int(q_spec) and is_int(k_spec):
         qq, kq = quantize(q, q_spec), repeat_heads(quantize(k, k_spec), h // hkv)
         scores = integer_dot_general(qq, kq, (((3,), (3,)), ((0, 2), (0, 2))))  # (B, H, T, S)
     else:
@@ -80,15 +81,16 @@ def attention(
     p = jnp.where(keep, jnp.exp(scores - m), 0.0)
     denom = jnp.sum(p, axis=-1, keepdims=True)  # the row sum uses the unquantized p (as INT-FlashAttention)
 
-    pv_int = mode == "int" and v_spec is not None and v_spec.format.kind == "int" and (p_spec is not None or p_scale is not None)
-    if p_scale is not None:
+    p_static = None
+    if p_scale is not None:  # a fixed P scale (e.g. 1/127): int8 unless another P format is given
         p_spec = p_spec or QuantSpec("int8")
-    if pv_int:
-        pq = quantize(p, p_spec, scale=None if p_scale is None else jnp.full((1,) * 4, p_scale, jnp.float32))
+        p_static = jnp.full((1,) * 4, p_scale, jnp.float32)
+    if mode == "int" and is_int(v_spec) and is_int(p_spec):
+        pq = quantize(p, p_spec, scale=p_static)
         vq = repeat_heads(quantize(v, v_spec), h // hkv)
         o = integer_dot_general(pq, vq, (((3,), (1,)), ((0, 1), (0, 2))))  # (B, H, T, D)
     else:
-        pf = p if p_spec is None else fake_quant(p, p_spec, scale=None if p_scale is None else jnp.full((1,) * 4, p_scale))
+        pf = p if p_spec is None else fake_quant(p, p_spec, scale=p_static)
         vf = v if v_spec is None else fake_quant(v, v_spec)
         vf = jnp.repeat(vf, h // hkv, axis=2).astype(jnp.float32)
         o = jnp.einsum("bhts,bshd->bhtd", pf, vf)

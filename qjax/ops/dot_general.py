@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax.kernels.common import on_gpu
 from qjax.numerics import QArray, QuantSpec, fake_quant, quantize
 
 Mode = Literal["fake", "int"]
@@ -90,7 +91,7 @@ def _integer_ok(q: QArray) -> bool:
 
 def use_kernels_default(use_kernels: bool | None) -> bool:
     """Pallas kernels are used on GPU unless told otherwise (True forces them: interpret mode on CPU)."""
-    return jax.default_backend() == "gpu" if use_kernels is None else use_kernels
+    return on_gpu() if use_kernels is None else use_kernels
 
 
 def integer_dot_general(lhs: QArray, rhs: QArray, dimension_numbers: DimensionNumbers, out_dtype=jnp.float32,
