@@ -19,7 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from qjax.kernels.common import interpret_default, pad_to, round_up
+from qjax.kernels.common import interpret_default, pad_to, pallas_call, round_up
 
 from qjax.numerics import QuantSpec, per_axis, per_token, quantize
 
@@ -127,27 +127,16 @@ def int8_flash_attention(
         pl.BlockSpec((sq, sq, 1, d), lambda bi, hi, qi: (bi, hi // groups, 0, 0)),
         pl.BlockSpec((sq, 1, 1), lambda bi, hi, qi: (bi, 0, 0)),
     ]
-    args, aliases = [qp, kp, vp, qsp, ksp, vsp, lengths], {}
-    if poison:
-        args.append(jnp.full((b, h, tp, d), jnp.nan, out_dtype))
-        in_specs.append(pl.BlockSpec((sq, sq, bq, d), lambda bi, hi, qi: (bi, hi, qi, 0)))
-        aliases = {7: 0}
-        inner = kernel
-
-        def kernel(*refs):
-            *ins, _poisoned, out = refs
-            return inner(*ins, out)
-
-    out = pl.pallas_call(
-        kernel,
+    out = pallas_call(
+        kernel, [qp, kp, vp, qsp, ksp, vsp, lengths],
         out_shape=jax.ShapeDtypeStruct((b, h, tp, d), out_dtype),
         grid=(b, h, tp // bq),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((sq, sq, bq, d), lambda bi, hi, qi: (bi, hi, qi, 0)),
-        input_output_aliases=aliases,
         interpret=interpret,
         name=f"qjax_int8_flash_{pv}",
-    )(*args)
+        poison=poison,
+    )  # fmt: skip
     return out[:, :, :t]
 
 

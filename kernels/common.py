@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 
 def on_gpu() -> bool:
@@ -18,6 +19,25 @@ def on_gpu() -> bool:
 def interpret_default(interpret: bool | None) -> bool:
     """Kernels run natively on GPU and in Pallas interpret mode everywhere else."""
     return (not on_gpu()) if interpret is None else interpret
+
+
+def pallas_call(kernel, args, *, out_shape, grid, in_specs, out_specs, interpret: bool, name: str,
+                poison: bool = False, fill=jnp.nan) -> jax.Array:  # fmt: skip
+    """`pl.pallas_call(...)(*args)`; with `poison`, the output buffer is first filled with `fill` and
+    passed in aliased to the output, so a tile the kernel never writes stays visible in the result."""
+    aliases = {}
+    if poison:
+        args = [*args, jnp.full(out_shape.shape, fill, out_shape.dtype)]
+        in_specs = [*in_specs, out_specs]
+        aliases = {len(args) - 1: 0}
+        inner = kernel
+
+        def kernel(*refs):
+            *ins, _poisoned, out = refs
+            return inner(*ins, out)
+
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                          input_output_aliases=aliases, interpret=interpret, name=name)(*args)  # fmt: skip
 
 
 def round_up(n: int, m: int) -> int:

@@ -12,7 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from qjax.kernels.common import DEFAULT_TUNER, interpret_default, pad_to, round_up
+from qjax.kernels.common import DEFAULT_TUNER, interpret_default, pad_to, pallas_call, round_up
 
 GEMM_BLOCKS = ((128, 128, 128), (128, 256, 128), (64, 128, 128), (128, 128, 64), (64, 64, 64))
 
@@ -101,40 +101,23 @@ def w8a8_matmul(
             sw_spec,
             pl.BlockSpec((1, bn), lambda i, j: (0, j)),
         ]
-        args = [ap, wp, sa, sw, b]
-        aliases = {}
-        if poison:
-            fill = jnp.iinfo(jnp.int32).min if raw_int32 else jnp.nan
-            args.append(jnp.full((mp, np_), fill, odt))
-            in_specs.append(pl.BlockSpec((bm, bn), lambda i, j: (i, j)))
-            aliases = {5: 0}
-            kernel = _drop_last_input(kernel)
-        out = pl.pallas_call(
-            kernel,
+        out = pallas_call(
+            kernel, [ap, wp, sa, sw, b],
             out_shape=jax.ShapeDtypeStruct((mp, np_), odt),
             grid=(mp // bm, np_ // bn),
             in_specs=in_specs,
             out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-            input_output_aliases=aliases,
             interpret=interpret,
             name="qjax_w8a8_grouped" if grouped else "qjax_w8a8",
-        )(*args)
+            poison=poison,
+            fill=jnp.iinfo(jnp.int32).min if raw_int32 else jnp.nan,
+        )  # fmt: skip
         return out[:m, :n]
 
     traced = any(isinstance(x, jax.core.Tracer) for x in (a, w, a_scale, w_scale))
     key = ("w8a8", m, n, k, group_size, raw_int32, str(out_dtype))
     cfg = blocks or DEFAULT_TUNER.pick(key, _fit(GEMM_BLOCKS, m, n, k), run, traced=traced)
     return run(cfg)
-
-
-def _drop_last_input(kernel):
-    """Wrap a kernel so that an extra (aliased, poisoned) input ref is accepted and ignored."""
-
-    def wrapped(*refs):
-        *ins, _poisoned, out = refs
-        return kernel(*ins, out)
-
-    return wrapped
 
 
 def _fit(candidates, m, n, k):
@@ -228,20 +211,14 @@ def weight_only_matmul(
         pl.BlockSpec((bn, sp.shape[1]), lambda i, j: (j, 0)),
         pl.BlockSpec((1, bn), lambda i, j: (0, j)),
     ]
-    args, aliases = [xp, wp, sp, b], {}
-    if poison:
-        args.append(jnp.full((mp, np_), jnp.nan, x.dtype))
-        in_specs.append(pl.BlockSpec((bm, bn), lambda i, j: (i, j)))
-        aliases = {4: 0}
-        kernel = _drop_last_input(kernel)
-    out = pl.pallas_call(
-        kernel,
+    out = pallas_call(
+        kernel, [xp, wp, sp, b],
         out_shape=jax.ShapeDtypeStruct((mp, np_), x.dtype),
         grid=(mp // bm, np_ // bn),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-        input_output_aliases=aliases,
         interpret=interpret,
         name=f"qjax_w{bits}a16",
-    )(*args)
+        poison=poison,
+    )  # fmt: skip
     return out[:m, :n]
