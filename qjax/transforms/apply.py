@@ -34,6 +34,12 @@ def quantize_weight(w, rule: Rule, mode: str, learned_scale: jax.Array | None = 
     return fake_quant(w, rule.weight, gradient=_ste_rule(rule))
 
 
+def float_weight(w, rule: Rule, mode: str):
+    """A weight for code that computes in float: packed QArrays dequantized, float weights
+    fake-quantized (straight-through) except while calibrating."""
+    return quantize_weight(w, rule, "calibrate" if mode == "calibrate" else "qat")
+
+
 def matmul_mode(mode: str) -> str:
     """qjax.ops path for a transform mode: integer arithmetic only when serving."""
     return "int" if mode == "serve" else "fake"

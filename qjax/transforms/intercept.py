@@ -18,7 +18,7 @@ from flax import nnx
 from jax.extend import core as jcore
 
 from qjax.numerics import QArray, quantize
-from qjax.transforms.apply import quantize_activation, quantize_weight
+from qjax.transforms.apply import float_weight, quantize_activation
 from qjax.transforms.nnx_modules import QuantizedOp, QuantizedWeight
 from qjax.transforms.recipe import Rule
 
@@ -53,7 +53,7 @@ class QIntercepted(QuantizedOp):
         graphdef, weights, rest = nnx.split(self.inner, (nnx.Param, QuantizedWeight), ...)
         leaves, treedef = jax.tree.flatten(weights, is_leaf=lambda x: isinstance(x, QArray))
         marks = [isinstance(v, QArray) or v.ndim >= 2 for v in leaves]
-        sources = [_source(v, w, rule, mode) for v, w in zip(leaves, marks)]
+        sources = [float_weight(v, rule, mode) if w else v for v, w in zip(leaves, marks)]
 
         def call(weight_leaves, args, kwargs):
             return nnx.merge(graphdef, jax.tree.unflatten(treedef, weight_leaves), rest)(*args, **kwargs)
@@ -63,13 +63,6 @@ class QIntercepted(QuantizedOp):
         marks = marks + [False] * (len(inputs) - len(sources))
         out = _evaluate(closed.jaxpr, closed.consts, inputs, marks, rule, mode)
         return self._output(jax.tree.unflatten(jax.tree.structure(out_shape), out))
-
-
-def _source(value, is_weight: bool, rule: Rule, mode: str):
-    """A weight as the module's code should see it: dequantized (ptq/serve), fake-quantized (qat), or as is."""
-    if isinstance(value, QArray):
-        return value.dequantize()
-    return quantize_weight(value, rule, "qat" if mode == "qat" else "calibrate") if is_weight else value
 
 
 def _weight_params(module: nnx.Module):

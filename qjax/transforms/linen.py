@@ -19,7 +19,7 @@ from flax.core import unfreeze
 import qjax.ops as qo
 from qjax.numerics import QArray, quantize
 from qjax.transforms import calibration
-from qjax.transforms.apply import matmul_mode, quantize_activation, quantize_weight
+from qjax.transforms.apply import float_weight, matmul_mode, quantize_activation, quantize_weight
 from qjax.transforms.recipe import Recipe
 
 _KINDS = {
@@ -66,10 +66,8 @@ class QuantizedLinen:
             rule = self.recipe.rules[self.matched[path]]
             node = _subtree(variables, "params", path)
             for name, value in list(node.items()):
-                if isinstance(value, QArray):
-                    node[name] = value.dequantize()
-                elif getattr(value, "ndim", 0) >= 2 and rule.weight is not None:
-                    node[name] = quantize_weight(value, rule, "qat" if self.mode != "calibrate" else "calibrate")
+                if isinstance(value, QArray) or getattr(value, "ndim", 0) >= 2:
+                    node[name] = float_weight(value, rule, self.mode)
         return variables
 
     def _rule_for(self, module: nn.Module):
