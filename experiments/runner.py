@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import itertools
 import json
 import os
@@ -85,6 +86,7 @@ def evaluate_recipe(model, r: RecipeConfig, test_windows, calib_windows, batch_s
     from qjax.eval import perplexity
 
     t0 = time.time()
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))  # of the model as given
     losses = None
     quantized = r.weight is not None or r.act is not None
     recipe = recipe_rules(r) if quantized else None
@@ -110,7 +112,6 @@ def evaluate_recipe(model, r: RecipeConfig, test_windows, calib_windows, batch_s
         if not os.path.exists(ckpt):  # Orbax finalises atomically: a crash leaves no half checkpoint here
             qjax.save_model(qmodel, ckpt)
     nbytes = qjax.param_bytes(qmodel)
-    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     row = {"recipe": r.name, "perplexity": ppl, "weight_MB": nbytes / 1e6, "bits_per_param": 8 * nbytes / n_params,
            "seconds": round(time.time() - t0, 2)}  # fmt: skip
     if losses:
@@ -238,12 +239,11 @@ def run(cfg: RunConfig, raw: dict, *, progress: bool = True) -> list[dict]:
 
 
 def _write_csv(path: str, rows: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    w.writeheader()
+    w.writerows(rows)
+    _atomic_write(path, buf.getvalue())
 
 
 def expand_sweep(sweeps: list[str]) -> list[list[str]]:
