@@ -97,9 +97,9 @@ def read_safetensors(directory: str) -> dict[str, np.ndarray]:
         path = os.path.join(directory, fname)
         if not os.path.exists(path):
             raise FileNotFoundError(f"shard {fname} listed in the index is missing from {directory}")
-        with safe_open(path, framework="flax") as f:
+        with safe_open(path, framework="numpy") as f:  # host memory only; devices get tensors in fill_state
             for k in f.keys():
-                tensors[k] = np.asarray(f.get_tensor(k))
+                tensors[k] = f.get_tensor(k)
     return tensors
 
 
