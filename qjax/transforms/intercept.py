@@ -19,7 +19,7 @@ from jax.extend import core as jcore
 
 from qjax.numerics import QArray, quantize
 from qjax.transforms.apply import float_weight, quantize_activation
-from qjax.transforms.nnx_modules import QuantizedOp, QuantizedWeight
+from qjax.transforms.nnx_modules import QuantizedOp, QuantizedWeight, set_child
 from qjax.transforms.recipe import Rule
 
 
@@ -45,7 +45,7 @@ class QIntercepted(QuantizedOp):
             for path, var in _weight_params(self.inner):
                 value = var.get_value()
                 if not isinstance(value, QArray):
-                    _set_variable(self.inner, path, QuantizedWeight(quantize(value, self.rule.weight)))
+                    set_child(self.inner, path, QuantizedWeight(quantize(value, self.rule.weight)))
         self.mode = mode
 
     def __call__(self, *args, **kwargs):
@@ -67,13 +67,6 @@ class QIntercepted(QuantizedOp):
 
 def _weight_params(module: nnx.Module):
     return [(p, v) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param)) if getattr(v.get_value(), "ndim", 0) >= 2]
-
-
-def _set_variable(module, path, variable) -> None:
-    node = module
-    for key in path[:-1]:
-        node = node[key] if isinstance(key, int) else getattr(node, key)
-    setattr(node, path[-1], variable)
 
 
 def _evaluate(jaxpr, consts, inputs, weight_marks, rule: Rule, mode: str):

@@ -73,6 +73,18 @@ def _vmap_leading(fn, n_leading: int, *args):
     return fn(*args)
 
 
+def set_child(root, path: tuple, new) -> None:
+    """Replace the attribute or list item at `path` (as `nnx.iter_modules` / flat states spell it) under `root`."""
+    parent = root
+    for key in path[:-1]:
+        parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+    key = path[-1]
+    if isinstance(key, int):
+        parent[key] = new
+    else:
+        setattr(parent, key, new)
+
+
 class QuantizedOp(nnx.Module):
     """Common state and activation/weight handling for every quantized op."""
 

@@ -7,7 +7,7 @@ from flax import nnx
 from qjax.layers import AttentionOp, KVCache
 from qjax.transforms.apply import matmul_mode
 from qjax.transforms.intercept import QIntercepted
-from qjax.transforms.nnx_modules import QConv, QDotGeneral, QEinsum, QEmbed, QLinear, QuantizedOp
+from qjax.transforms.nnx_modules import QConv, QDotGeneral, QEinsum, QEmbed, QLinear, QuantizedOp, set_child
 from qjax.transforms.recipe import Recipe
 
 # Flax module type -> (op kind, quantized replacement)
@@ -55,7 +55,7 @@ def quantize_nnx(model: nnx.Module, recipe: Recipe, mode: str) -> nnx.Module:
                 if not path:  # the model is itself a single quantizable module
                     recipe.report_unused(used)
                     return replacement
-                _set_child(model, path, replacement)
+                set_child(model, path, replacement)
         elif hasattr(module, "dot_general") and callable(module.dot_general) and not isinstance(module.dot_general, QDotGeneral):
             match = recipe.match(name, "dot_general")
             if match is None:
@@ -71,7 +71,7 @@ def quantize_nnx(model: nnx.Module, recipe: Recipe, mode: str) -> nnx.Module:
                 continue
             used.add(match[0])
             if not match[1].skip:
-                _set_child(model, path, QIntercepted(module, match[1], mode, name))
+                set_child(model, path, QIntercepted(module, match[1], mode, name))
     recipe.report_unused(used - {-1})
     return model
 
@@ -96,17 +96,6 @@ def _configure_attention(module, rule, mode: str) -> None:
 
 def _rule_index(recipe: Recipe, module: QuantizedOp) -> int:
     return next((i for i, r in enumerate(recipe.rules) if r == module.rule), -1)
-
-
-def _set_child(root, path, new) -> None:
-    parent = root
-    for key in path[:-1]:
-        parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-    key = path[-1]
-    if isinstance(key, int):
-        parent[key] = new
-    else:
-        setattr(parent, key, new)
 
 
 def quantized_ops(model: nnx.Module) -> dict[str, QuantizedOp]:
