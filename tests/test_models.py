@@ -135,3 +135,12 @@ def test_scanned_layers_match_transformers_and_quantize_like_unrolled(tmp_path):
         qm.load_pretrained(path, scan_layer=True)
     with pytest.raises(NotImplementedError, match="scan_layers=False"):
         qm.generate(scanned, jnp.asarray(IDS[:, :3]), 2)
+
+
+def test_opt_greedy_generation_with_kv_cache_matches_transformers(tmp_path):
+    hf, path, _ = _save(tmp_path, "opt")
+    model, _ = qm.load_pretrained(path)
+    out = qm.generate(model, jnp.asarray(IDS[:, :5]), 6)
+    expected = hf.generate(torch.tensor(IDS[:, :5]), attention_mask=torch.ones(2, 5, dtype=torch.long), max_new_tokens=6,
+                           do_sample=False, pad_token_id=0).numpy()  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(out), expected)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qjax.layers import AttentionOp
-from qjax.models.common import CausalSelfAttention
+from qjax.models.common import CausalSelfAttention, KVCacheDecoder
 
 
 class _FromHF:
@@ -67,7 +67,7 @@ class OPTLayer(nnx.Module):
         return x if self.pre_ln else self.final_layer_norm(x)
 
 
-class OPTForCausalLM(nnx.Module):
+class OPTForCausalLM(KVCacheDecoder, nnx.Module):
     """OPT: learned positions (offset 2), ReLU MLP, tied LM head; optional project_in/out (OPT-350m)."""
 
     def __init__(self, cfg: OPTConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -99,14 +99,6 @@ class OPTForCausalLM(nnx.Module):
         if self.project_out is not None:
             x = self.project_out(x)
         return self.embed_tokens.attend(x)
-
-    def init_cache(self, batch, max_len, dtype=jnp.float32, spec=None):
-        for layer in self.layers:
-            layer.self_attn.init_cache(batch, max_len, dtype, spec)
-
-    def clear_cache(self):
-        for layer in self.layers:
-            layer.self_attn.cache = None
 
 
 def opt_name(hf: str):

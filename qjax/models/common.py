@@ -97,6 +97,19 @@ class CausalSelfAttention(nnx.Module):
         return getattr(self, self.out_name)(o.reshape(b, t, self.heads * self.head_dim))
 
 
+class KVCacheDecoder:
+    """Mixin for decoders whose `layers` each hold a `CausalSelfAttention` as `self_attn`."""
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32, spec=None) -> None:
+        """Give every layer a KV cache of `max_len` positions (quantized when `spec` is given)."""
+        for layer in self.layers:
+            layer.self_attn.init_cache(batch, max_len, dtype, spec)
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.self_attn.cache = None
+
+
 def generate(model, ids: jax.Array, max_new_tokens: int, *, key: jax.Array | None = None, temperature: float = 0.0,
              kv_spec=None) -> jax.Array:  # fmt: skip
     """Greedy (temperature 0) or sampled continuation of `ids` (B, T) with a KV cache; returns (B, T + new)."""

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qjax.models.common import CausalSelfAttention, RopeScaling, rope_frequencies
+from qjax.models.common import CausalSelfAttention, KVCacheDecoder, RopeScaling, rope_frequencies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +86,7 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LlamaForCausalLM(nnx.Module):
+class LlamaForCausalLM(KVCacheDecoder, nnx.Module):
     """Decoder-only Llama-family LM: `model(ids) -> logits (B, T, vocab)`."""
 
     def __init__(self, cfg: LlamaConfig, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -129,9 +129,4 @@ class LlamaForCausalLM(nnx.Module):
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32, spec=None) -> None:
         if self.config.scan_layers:
             raise NotImplementedError("KV-cache decoding runs layer by layer; load the model with scan_layers=False")
-        for layer in self.layers:
-            layer.self_attn.init_cache(batch, max_len, dtype, spec)
-
-    def clear_cache(self) -> None:
-        for layer in self.layers:
-            layer.self_attn.cache = None
+        super().init_cache(batch, max_len, dtype, spec)
