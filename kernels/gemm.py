@@ -12,9 +12,14 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from qjax.kernels.common import DEFAULT_TUNER, interpret_default, pad_to, pallas_call, round_up
+from qjax.kernels.common import DEFAULT_TUNER, KernelConfig, fit, interpret_default, is_traced, pad_to, pallas_call, round_up
 
-GEMM_BLOCKS = ((128, 128, 128), (128, 256, 128), (64, 128, 128), (128, 128, 64), (64, 64, 64))
+C = KernelConfig
+W8A8_CONFIGS = (C((128, 128, 128), 4, 3), C((128, 256, 128), 8, 3), C((64, 128, 128), 4, 4), C((128, 128, 64), 4, 4),
+                C((256, 128, 128), 8, 3), C((64, 64, 64), 4, 2))  # fmt: skip
+"""Candidates (block_m, block_n, block_k), warps, stages: the tuner times those that fit each shape."""
+WEIGHT_ONLY_CONFIGS = (C((64, 128), 4, 3), C((16, 128), 4, 4), C((128, 128), 8, 3), C((32, 256), 4, 3), C((16, 64), 4, 4))
+"""Candidates (block_m, block_n), warps, stages; small block_m suits decoding (M = batch)."""
 
 
 # ---- W8A8 --------------------------------------------------------------------------------------------
@@ -64,6 +69,7 @@ def w8a8_matmul(
 
     raw_int32=True returns the int32 accumulator itself (for bit-exact tests). poison=True fills the
     output buffer with NaN/min-int before the kernel runs, so an unwritten tile cannot go unnoticed.
+    `blocks` fixes (block_m, block_n, block_k) (or a whole `KernelConfig`); by default the autotuner picks.
     """
     m, k = a.shape
     n, k2 = w.shape
@@ -72,12 +78,12 @@ def w8a8_matmul(
     if a.dtype != jnp.int8 or w.dtype != jnp.int8:
         raise TypeError(f"w8a8_matmul needs int8 operands, got {a.dtype} and {w.dtype}")
     grouped = group_size is not None
-    if grouped and (group_size <= 0 or group_size % 16):
-        raise ValueError(f"group_size must be a positive multiple of 16, got {group_size}")
+    if grouped and (group_size < 16 or group_size & (group_size - 1) or k % group_size):
+        raise ValueError(f"group_size must be a power of two ≥ 16 that divides K={k}, got {group_size}")
     interpret = interpret_default(interpret)
 
-    def run(cfg):
-        bm, bn, bk = cfg
+    def run(cfg: KernelConfig):
+        bm, bn, bk = cfg.blocks
         bk = group_size if grouped else bk
         mp, np_, kp = round_up(m, bm), round_up(n, bn), round_up(k, bk)
         ap, wp = pad_to(a, (mp, kp)), pad_to(w, (np_, kp))
@@ -109,25 +115,23 @@ def w8a8_matmul(
             out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
             interpret=interpret,
             name="qjax_w8a8_grouped" if grouped else "qjax_w8a8",
+            config=cfg,
             poison=poison,
             fill=jnp.iinfo(jnp.int32).min if raw_int32 else jnp.nan,
         )  # fmt: skip
         return out[:m, :n]
 
-    traced = any(isinstance(x, jax.core.Tracer) for x in (a, w, a_scale, w_scale))
-    key = ("w8a8", m, n, k, group_size, raw_int32, str(out_dtype))
-    cfg = blocks or DEFAULT_TUNER.pick(key, _fit(GEMM_BLOCKS, m, n, k), run, traced=traced)
-    return run(cfg)
+    return run(_config(blocks, W8A8_CONFIGS, (m, n, k), ("w8a8", m, n, k, group_size, raw_int32, str(out_dtype)),
+                       run, is_traced(a, w, a_scale, w_scale)))  # fmt: skip
 
 
-def _fit(candidates, m, n, k):
-    """Shrink block sizes for small problems (keeping them ≥ 16, the smallest MMA dimension)."""
-    fitted = []
-    for bm, bn, bk in candidates:
-        cfg = (min(bm, max(16, round_up(m, 16))), min(bn, max(16, round_up(n, 16))), min(bk, max(16, round_up(k, 16))))
-        if cfg not in fitted:
-            fitted.append(cfg)
-    return fitted
+def _config(blocks, candidates, dims, key, run, traced) -> KernelConfig:
+    """The caller's blocks (fitted to the problem) or the autotuner's pick among `candidates`."""
+    if isinstance(blocks, KernelConfig):
+        return blocks
+    if blocks is not None:
+        return fit([KernelConfig(tuple(blocks))], dims)[0]
+    return DEFAULT_TUNER.pick(key, fit(candidates, dims), run, traced=traced)
 
 
 # ---- weight-only ---------------------------------------------------------------------------------------
@@ -152,18 +156,18 @@ def _woq_kernel(x_ref, w_ref, s_ref, b_ref, o_ref, *, block_k: int, n_k: int, gr
         s = s_ref[:, pl.ds(first_col // group, cols // group)]
         return (w.astype(jnp.float32).reshape(bn, cols // group, group) * s[:, :, None]).reshape(bn, cols)
 
-    def xw(x, w):
-        return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    def xw(first_col, cols, w):
+        x = x_ref[:, pl.ds(first_col, cols)].astype(jnp.float32)
+        return jax.lax.dot_general(x, dequant(w, first_col), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
     def body(i, acc):
-        x = x_ref[:, pl.ds(i * block_k, block_k)].astype(jnp.float32)
         if not int4:
-            return acc + xw(x, dequant(w_ref[:, pl.ds(i * block_k, block_k)], i * block_k))
+            return acc + xw(i * block_k, block_k, w_ref[:, pl.ds(i * block_k, block_k)])
         half = block_k // 2
         packed = w_ref[:, pl.ds(i * half, half)]
         lo = ((packed & 0xF).astype(jnp.int8) << 4) >> 4  # sign-extend the low nibble
         hi = packed.astype(jnp.int8) >> 4
-        return acc + xw(x[:, :half], dequant(lo, i * block_k)) + xw(x[:, half:], dequant(hi, i * block_k + half))
+        return acc + xw(i * block_k, half, lo) + xw(i * block_k + half, half, hi)
 
     acc = jax.lax.fori_loop(0, n_k, body, jnp.zeros(o_ref.shape, jnp.float32))
     o_ref[...] = (acc + b_ref[...]).astype(o_ref.dtype)
@@ -177,48 +181,56 @@ def weight_only_matmul(
     *,
     bits: int = 8,
     group_size: int = 128,
-    block_m: int = 64,
-    block_n: int = 128,
+    blocks: tuple[int, int] | KernelConfig | None = None,
     block_k: int | None = None,
     poison: bool = False,
     interpret: bool | None = None,
 ) -> jax.Array:
     """(M, K) bf16/f32 activations × (N, K) int8 [bits=8] or (N, K/2) packed int4 [bits=4, from
-    `pack_int4_kernel_layout`] weights with per-group scales (N, K/group) → (M, N) in x's dtype."""
+    `pack_int4_kernel_layout` with the same `block_k`] weights with per-group scales (N, K/group) → (M, N)
+    in x's dtype. `blocks` fixes (block_m, block_n); by default the autotuner picks."""
     m, k = x.shape
     n = w.shape[0]
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
-    if group_size <= 0 or group_size % 16:
-        raise ValueError(f"group_size must be a positive multiple of 16, got {group_size}")
+    if group_size < 16 or group_size & (group_size - 1):
+        raise ValueError(f"group_size must be a power of two ≥ 16, got {group_size}")
     block_k = block_k or max(group_size, 128)
     if block_k % group_size:
         raise ValueError(f"block_k ({block_k}) must be a multiple of group_size ({group_size})")
     if bits == 4 and w.shape[1] * 2 != round_up(k, block_k):
         raise ValueError(f"packed int4 weight has {w.shape[1]} bytes per row; expected {round_up(k, block_k) // 2} "
                          f"(K padded to block_k={block_k})")  # fmt: skip
+    if w_scale.shape != (n, -(-k // group_size)):
+        raise ValueError(f"w_scale has shape {w_scale.shape}; expected (N, ceil(K/group)) = ({n}, {-(-k // group_size)})")
     interpret = interpret_default(interpret)
-    bm, bn = min(block_m, round_up(m, 16)), min(block_n, round_up(n, 16))
-    mp, np_, kp = round_up(m, bm), round_up(n, bn), round_up(k, block_k)
-    xp = pad_to(x, (mp, kp))
-    wp = pad_to(w, (np_, kp if bits == 8 else kp // 2))
-    sp = pad_to(w_scale.astype(jnp.float32), (np_, kp // group_size), value=1.0)
-    b = pad_to((jnp.zeros((n,)) if bias is None else bias).astype(jnp.float32).reshape(1, n), (1, np_))
-    kernel = functools.partial(_woq_kernel, block_k=block_k, n_k=kp // block_k, group=group_size, int4=bits == 4)
-    in_specs = [
-        pl.BlockSpec((bm, kp), lambda i, j: (i, 0)),
-        pl.BlockSpec((bn, wp.shape[1]), lambda i, j: (j, 0)),
-        pl.BlockSpec((bn, sp.shape[1]), lambda i, j: (j, 0)),
-        pl.BlockSpec((1, bn), lambda i, j: (0, j)),
-    ]
-    out = pallas_call(
-        kernel, [xp, wp, sp, b],
-        out_shape=jax.ShapeDtypeStruct((mp, np_), x.dtype),
-        grid=(mp // bm, np_ // bn),
-        in_specs=in_specs,
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-        interpret=interpret,
-        name=f"qjax_w{bits}a16",
-        poison=poison,
-    )  # fmt: skip
-    return out[:m, :n]
+
+    def run(cfg: KernelConfig):
+        bm, bn = cfg.blocks
+        mp, np_, kp = round_up(m, bm), round_up(n, bn), round_up(k, block_k)
+        xp = pad_to(x, (mp, kp))
+        wp = pad_to(w, (np_, kp if bits == 8 else kp // 2))
+        sp = pad_to(w_scale.astype(jnp.float32), (np_, kp // group_size), value=1.0)
+        b = pad_to((jnp.zeros((n,)) if bias is None else bias).astype(jnp.float32).reshape(1, n), (1, np_))
+        kernel = functools.partial(_woq_kernel, block_k=block_k, n_k=kp // block_k, group=group_size, int4=bits == 4)
+        in_specs = [
+            pl.BlockSpec((bm, kp), lambda i, j: (i, 0)),
+            pl.BlockSpec((bn, wp.shape[1]), lambda i, j: (j, 0)),
+            pl.BlockSpec((bn, sp.shape[1]), lambda i, j: (j, 0)),
+            pl.BlockSpec((1, bn), lambda i, j: (0, j)),
+        ]
+        out = pallas_call(
+            kernel, [xp, wp, sp, b],
+            out_shape=jax.ShapeDtypeStruct((mp, np_), x.dtype),
+            grid=(mp // bm, np_ // bn),
+            in_specs=in_specs,
+            out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+            interpret=interpret,
+            name=f"qjax_w{bits}a16",
+            config=cfg,
+            poison=poison,
+        )  # fmt: skip
+        return out[:m, :n]
+
+    key = ("weight_only", bits, m, n, k, group_size, block_k, str(x.dtype))
+    return run(_config(blocks, WEIGHT_ONLY_CONFIGS, (m, n), key, run, is_traced(x, w, w_scale)))

@@ -46,7 +46,8 @@ def attention(
 
     kv_lengths (B,): valid keys per batch element (a padding mask the kernel understands). In the
     integer path, INT-FlashAttention's configuration (int8 per-token Q/K, int8 V per channel, P with
-    the fixed 1/127 scale, no other mask) runs the Pallas kernel when `use_kernels` (default: on GPU).
+    the fixed 1/127 scale, no other mask) and SageAttention2's (the same with fp8 e4m3 V per channel and
+    P at 1/448) run the Pallas kernel when `use_kernels` (default: on GPU).
     """
     b, t, h, d = q.shape
     s_len, hkv = k.shape[1], k.shape[2]
@@ -59,8 +60,9 @@ def attention(
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     if k_smooth:
         k = k - jnp.mean(k, axis=1, keepdims=True)
-    if mode == "int" and mask is None and use_kernels_default(use_kernels) and _kernel_config(q_spec, k_spec, v_spec, p_spec, p_scale):
-        return _flash_kernel_path(q, k, v, q_spec, k_spec, v_spec, causal, scale, kv_lengths)
+    pv = _kernel_variant(q_spec, k_spec, v_spec, p_spec, p_scale) if mode == "int" and mask is None else None
+    if pv is not None and use_kernels_default(use_kernels):
+        return _flash_kernel_path(q, k, v, q_spec, k_spec, v_spec, pv, causal, scale, kv_lengths)
     if kv_lengths is not None:
         valid = (jnp.arange(s_len)[None, :] < kv_lengths[:, None])[:, None, None, :]
         mask = valid if mask is None else mask & valid
@@ -98,18 +100,26 @@ def attention(
     return o.transpose(0, 2, 1, 3).astype(out_dtype)
 
 
-def _kernel_config(q_spec, k_spec, v_spec, p_spec, p_scale) -> bool:
-    """Whether the specs are exactly what the INT8 flash-attention kernel computes."""
-    def int8(spec):
-        return spec is not None and spec.format.name == "int8" and spec.symmetric and spec.scale_mode == "float"
+def _kernel_variant(q_spec, k_spec, v_spec, p_spec, p_scale) -> str | None:
+    """The flash-attention kernel's PV variant ("int8" or "fp8") when the specs are exactly what it
+    computes, else None: int8 per-token Q/K; V per channel with P at the fixed 1/127 scale in int8
+    (INT-FlashAttention) or 1/448 in fp8 e4m3 (SageAttention2)."""
+    def plain(spec, fmt):
+        return spec is not None and spec.format.name == fmt and spec.symmetric and spec.scale_mode == "float"
 
     token = per_token()
-    return (int8(q_spec) and int8(k_spec) and q_spec.granularity == token and k_spec.granularity == token
-            and int8(v_spec) and v_spec.granularity == per_axis(0, 2, 3) and p_spec is None and p_scale is not None
-            and abs(p_scale - 1 / 127) < 1e-12)  # fmt: skip
+    if not (plain(q_spec, "int8") and plain(k_spec, "int8") and q_spec.granularity == token and k_spec.granularity == token):
+        return None
+    if v_spec is None or v_spec.granularity != per_axis(0, 2, 3) or p_scale is None:
+        return None
+    for pv, fmt, scale in (("int8", "int8", 1 / 127), ("fp8", "fp8_e4m3", 1 / 448)):
+        p_ok = plain(p_spec, fmt) if p_spec is not None else fmt == "int8"  # a bare p_scale means int8
+        if plain(v_spec, fmt) and p_ok and abs(p_scale - scale) < 1e-12:
+            return pv
+    return None
 
 
-def _flash_kernel_path(q, k, v, q_spec, k_spec, v_spec, causal, scale, kv_lengths):
+def _flash_kernel_path(q, k, v, q_spec, k_spec, v_spec, pv, causal, scale, kv_lengths):
     from qjax.kernels.attention import int8_flash_attention  # kernels sit below ops
 
     qq, kq, vq = quantize(q, q_spec), quantize(k, k_spec), quantize(v, v_spec)
@@ -117,7 +127,7 @@ def _flash_kernel_path(q, k, v, q_spec, k_spec, v_spec, causal, scale, kv_length
     out = int8_flash_attention(
         to_bhtd(qq.values), to_bhtd(kq.values), to_bhtd(vq.values), qq.scale[..., 0].transpose(0, 2, 1),
         kq.scale[..., 0].transpose(0, 2, 1), vq.scale[:, 0], kv_lengths=kv_lengths, causal=causal, sm_scale=scale,
-        out_dtype=jnp.float32,
+        pv=pv, out_dtype=jnp.float32,
     )  # fmt: skip
     return to_bhtd(out).astype(q.dtype)
 

@@ -158,7 +158,7 @@ def _gemm_kernel(lhs: QArray, rhs: QArray, lc, rc, lb, rb, out_dtype):
     if lhs.tiles[-1] != k or any(t != 1 for t in lhs.tiles[:-1]) and any(t != d for t, d in zip(lhs.tiles[:-1], lhs.shape[:-1])):
         return None
     group = None if rhs.tiles[0] == k else rhs.tiles[0]
-    if rhs.tiles[1] != 1 or (group is not None and (group % 16 or k % group)):
+    if rhs.tiles[1] != 1 or (group is not None and (group < 16 or group & (group - 1) or k % group)):
         return None
     from qjax.kernels.gemm import w8a8_matmul  # kernels sit below ops; imported only on GPU
 
