@@ -7,6 +7,7 @@ Pallas kernels here are lowered with the Triton backend (named explicitly: since
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import statistics
@@ -31,18 +32,25 @@ def interpret_default(interpret: bool | None) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    """One launch configuration: block sizes (in the kernel's own order) and Triton's warps and stages."""
+    """One launch configuration: block sizes (in the kernel's own order), Triton's warps and stages, and
+    the implementation: "pallas" (Pallas, Triton backend) or "triton" (a hand-written kernel via jax-triton)."""
 
     blocks: tuple[int, ...]
     num_warps: int = 4
     num_stages: int = 2
+    backend: str = "pallas"
 
     def to_json(self) -> dict:
-        return {"blocks": list(self.blocks), "num_warps": self.num_warps, "num_stages": self.num_stages}
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, d: dict) -> KernelConfig:
-        return cls(tuple(d["blocks"]), d["num_warps"], d["num_stages"])
+        return cls(tuple(d["blocks"]), d["num_warps"], d["num_stages"], d.get("backend", "pallas"))
+
+
+def jax_triton_available() -> bool:
+    """Hand-written Triton kernels run only on a GPU with the optional `jax-triton` extra installed."""
+    return on_gpu() and all(importlib.util.find_spec(m) is not None for m in ("triton", "jax_triton"))
 
 
 def next_pow2(n: int) -> int:

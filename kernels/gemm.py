@@ -12,12 +12,15 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from qjax.kernels.common import DEFAULT_TUNER, KernelConfig, fit, interpret_default, is_traced, pad_to, pallas_call, round_up
+from qjax.kernels.common import (DEFAULT_TUNER, KernelConfig, fit, interpret_default, is_traced, jax_triton_available,
+                                 pad_to, pallas_call, round_up)  # fmt: skip
 
 C = KernelConfig
 W8A8_CONFIGS = (C((128, 128, 128), 4, 3), C((128, 256, 128), 8, 3), C((64, 128, 128), 4, 4), C((128, 128, 64), 4, 4),
                 C((256, 128, 128), 8, 3), C((64, 64, 64), 4, 2))  # fmt: skip
 """Candidates (block_m, block_n, block_k), warps, stages: the tuner times those that fit each shape."""
+W8A8_TRITON_CONFIGS = tuple(C(c.blocks, c.num_warps, c.num_stages, backend="triton") for c in W8A8_CONFIGS[:4])
+"""The same tiles for the hand-written Triton kernel (`triton_gemm`), timed against Pallas on GPU."""
 WEIGHT_ONLY_CONFIGS = (C((64, 128), 4, 3), C((16, 128), 4, 4), C((128, 128), 8, 3), C((32, 256), 4, 3), C((16, 64), 4, 4))
 """Candidates (block_m, block_n), warps, stages; small block_m suits decoding (M = batch)."""
 
@@ -83,6 +86,12 @@ def w8a8_matmul(
     interpret = interpret_default(interpret)
 
     def run(cfg: KernelConfig):
+        if cfg.backend == "triton":
+            if grouped:
+                raise ValueError("the Triton W8A8 kernel takes per-channel weight scales; use the Pallas backend for groups")
+            from qjax.kernels.triton_gemm import w8a8_matmul_triton
+
+            return w8a8_matmul_triton(a, a_scale, w, w_scale, bias, out_dtype=out_dtype, config=cfg, raw_int32=raw_int32)
         bm, bn, bk = cfg.blocks
         bk = group_size if grouped else bk
         mp, np_, kp = round_up(m, bm), round_up(n, bn), round_up(k, bk)
@@ -121,7 +130,10 @@ def w8a8_matmul(
         )  # fmt: skip
         return out[:m, :n]
 
-    return run(_config(blocks, W8A8_CONFIGS, (m, n, k), ("w8a8", m, n, k, group_size, raw_int32, str(out_dtype)),
+    candidates = W8A8_CONFIGS
+    if not grouped and not interpret and jax_triton_available():
+        candidates += W8A8_TRITON_CONFIGS
+    return run(_config(blocks, candidates, (m, n, k), ("w8a8", m, n, k, group_size, raw_int32, str(out_dtype)),
                        run, is_traced(a, w, a_scale, w_scale)))  # fmt: skip
 
 
