@@ -22,8 +22,16 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from qjax.kernels.common import (DEFAULT_TUNER, KernelConfig, fit, interpret_default, is_traced, pad_to, pallas_call,
-                                 round_up)  # fmt: skip
+from qjax.kernels.common import (
+    DEFAULT_TUNER,
+    KernelConfig,
+    fit,
+    interpret_default,
+    is_traced,
+    pad_to,
+    pallas_call,
+    round_up,  # fmt: skip
+)
 
 from qjax.numerics import QuantSpec, get_format, per_axis, per_block, per_token, quantize
 

@@ -12,8 +12,17 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from qjax.kernels.common import (DEFAULT_TUNER, KernelConfig, fit, interpret_default, is_traced, jax_triton_available,
-                                 pad_to, pallas_call, round_up)  # fmt: skip
+from qjax.kernels.common import (
+    DEFAULT_TUNER,
+    KernelConfig,
+    fit,
+    interpret_default,
+    is_traced,
+    jax_triton_available,
+    pad_to,  # fmt: skip
+    pallas_call,
+    round_up,
+)
 
 C = KernelConfig
 W8A8_CONFIGS = (C((128, 128, 128), 4, 3), C((128, 256, 128), 8, 3), C((64, 128, 128), 4, 4), C((128, 128, 64), 4, 4),

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import triton
 import triton.language as tl
-
 from qjax.kernels.common import KernelConfig
 
 GROUP_M = 8
