@@ -365,3 +365,17 @@ def test_every_kernel_lowers_to_triton_for_cuda(name):
     fn, *avals = cases[name]
     hlo = _lowers_to_triton(fn, *avals)
     assert "__gpu$xla.gpu.triton" in hlo  # the Triton backend, not Mosaic GPU (jax's default since 0.9)
+
+
+def test_kernel_benchmark_smoke_run_checks_every_variant(capsys):
+    """The benchmark script itself (tiny sizes, interpret mode): every qjax variant runs and is accurate."""
+    from benchmarks.bench_kernels import main
+
+    text = main(["--smoke", "--gemm-sizes", "32", "--seqs", "32"])
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| qjax")]
+    names = {r[0].strip() for r in rows}
+    assert {"qjax W8A8, autotuned (bf16 out)", "qjax W4A16 g32, autotuned"} <= names
+    assert {f"qjax INT8 QK + {pv} PV, autotuned" for pv in ("int8", "fp8", "bf16")} <= names
+    for r in rows:
+        assert r[2].strip() != "n/a", r
+        assert float(r[6]) > 0.99, r  # cosine similarity against the float64 reference
