@@ -379,3 +379,23 @@ def test_kernel_benchmark_smoke_run_checks_every_variant(capsys):
     for r in rows:
         assert r[2].strip() != "n/a", r
         assert float(r[6]) > 0.99, r  # cosine similarity against the float64 reference
+
+
+@pytest.mark.parametrize("bits,gran", [(8, "channel"), (4, "group"), (8, "group")])
+def test_ops_dot_general_dispatches_weight_only_to_the_kernel(bits, gran):
+    import qjax.numerics as qn
+    import qjax.ops as qo
+
+    rng = np.random.default_rng(9)
+    x = jnp.asarray(rng.standard_normal((3, 5, 192)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((192, 40)), jnp.float32)
+    spec = qn.QuantSpec(f"int{bits}", qn.per_axis(1) if gran == "channel" else qn.per_group(0, 64))
+    wq = qn.quantize(w, spec)
+    dn = (((2,), (0,)), ((), ()))
+    via_kernel = qo.dot_general(x, wq, dn, mode="int", use_kernels=True)
+    via_xla = qo.dot_general(x, wq, dn, mode="int", use_kernels=False)
+    ref = np.einsum("btk,kn->btn", np.asarray(x, np.float64), np.asarray(wq.dequantize(), np.float64))
+    np.testing.assert_allclose(np.asarray(via_kernel), ref, rtol=1e-5, atol=1e-4 * np.abs(ref).max())
+    np.testing.assert_allclose(np.asarray(via_kernel), np.asarray(via_xla), rtol=1e-5, atol=1e-4 * np.abs(ref).max())
+    jaxpr = str(jax.make_jaxpr(lambda x: qo.dot_general(x, wq, dn, mode="int", use_kernels=True))(x))
+    assert "pallas_call" in jaxpr

@@ -54,7 +54,12 @@ def dot_general(
     b = _int_operand(rhs, rhs_spec, rhs_key)
     if isinstance(a, QArray) and isinstance(b, QArray) and _integer_ok(a) and _integer_ok(b):
         return integer_dot_general(a, b, dimension_numbers, out_dtype, use_kernels)
-    # One side float (weight-only W4A16-style, or a non-integer format): dequantize, float dot.
+    # One side float (weight-only W4A16-style, or a non-integer format): the Pallas weight-only GEMM for
+    # its layout on GPU, else dequantize and a float dot.
+    if not isinstance(a, QArray) and isinstance(b, QArray) and use_kernels_default(use_kernels):
+        fast = _weight_only_kernel(a, b, dimension_numbers, out_dtype)
+        if fast is not None:
+            return fast
     a = a.dequantize(out_dtype) if isinstance(a, QArray) else a
     b = b.dequantize(out_dtype) if isinstance(b, QArray) else b
     return jax.lax.dot_general(a, b, dimension_numbers, precision, preferred_element_type=out_dtype)
@@ -169,6 +174,36 @@ def _gemm_kernel(lhs: QArray, rhs: QArray, lc, rc, lb, rb, out_dtype):
     sw = rhs.scale.astype(jnp.float32)[:, :n].T.reshape(n, -1)
     out = w8a8_matmul(a, sa, w, sw if group else sw[:, 0], out_dtype=out_dtype, group_size=group)
     return out.reshape(*lhs.shape[:-1], n)
+
+
+def _weight_only_kernel(x: jax.Array, w: QArray, dimension_numbers, out_dtype):
+    """The Pallas weight-only GEMM for (..., K) float activations × a (K, N) symmetric int8/int4 weight
+    with per-channel or power-of-two group scales along K, or None when the layout is not that case.
+    The weight is laid out K-major (and int4 repacked in the kernel's layout) per call."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    if lb or rb or tuple(a % x.ndim for a in lc) != (x.ndim - 1,) or w.ndim != 2 or tuple(rc) != (0,):
+        return None
+    fmt = w.format
+    if fmt.kind != "int" or not fmt.signed or fmt.bits not in (4, 8) or w.zero_point is not None or w.tiles[1] != 1:
+        return None
+    k, n = w.shape
+    g = w.tiles[0]
+    if g == k:  # per channel: any power-of-two group dividing K with the scale repeated stands for it
+        g = math.gcd(k, 128)
+    if g < 16 or g & (g - 1) or k % g:
+        return None
+    from qjax.kernels.gemm import pack_int4_kernel_layout, weight_only_matmul  # kernels sit below ops
+
+    scale = w.scale.astype(jnp.float32)  # (K / tile, N)
+    scale = jnp.repeat(scale, k // g // scale.shape[0], axis=0).T  # (N, K / g)
+    codes = w.codes()[:k, :n].astype(jnp.int8).T  # (N, K), K-major
+    block_k = max(g, 128)
+    if fmt.bits == 4:
+        kp = -(-k // block_k) * block_k
+        codes = pack_int4_kernel_layout(jnp.pad(codes, ((0, 0), (0, kp - k))), block_k)
+    x2 = x.reshape(-1, k)
+    out = weight_only_matmul(x2, codes, scale, bits=fmt.bits, group_size=g, block_k=block_k)
+    return out.reshape(*x.shape[:-1], n).astype(out_dtype)
 
 
 def _n_tiles(q: QArray, axis: int) -> int:
