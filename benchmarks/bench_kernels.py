@@ -51,6 +51,18 @@ def run_cases(cases, rows, label, flops, ref_of):
         rows.append([name, label, t * 1e3, flops / t / 1e12, base / t, *accuracy(out, ref_of(name)), config() + f" ({clock})"])
 
 
+DN_KMAJOR = (((1,), (1,)), ((), ()))  # (M, K) · (N, K)ᵀ
+
+
+def f64(x) -> np.ndarray:
+    return np.asarray(x, np.float64)
+
+
+def fixed(text: str):
+    """A config column that does not depend on tuning."""
+    return lambda: text
+
+
 def bench_gemm(sizes, n_sets=3):
     rows = []
     for n in sizes:
@@ -74,13 +86,10 @@ def bench_gemm(sizes, n_sets=3):
             np.asarray(s0["w8"], np.float64) * np.asarray(s0["sw"])[:, None]).T  # fmt: skip
         ref_w4 = np.asarray(s0["ab"], np.float64) @ (np.asarray(s0["codes"], np.float64) * float(s0["s4"][0, 0])).T
         scale_outer = np.outer(np.asarray(s0["sa"]), np.asarray(s0["sw"]))
-        dn = (((1,), (1,)), ((), ()))
-        f64 = lambda o: np.asarray(o, np.float64)  # noqa: E731
-        fixed = lambda text: lambda: text  # noqa: E731
-        pick = lambda *names: [tuple(s[k] for k in names) for s in sets]  # noqa: E731
+        pick = lambda *names, sets=sets: [tuple(s[k] for k in names) for s in sets]  # noqa: E731
         cases = {
-            "XLA bf16 dot": (jax.jit(lambda a, w: jax.lax.dot_general(a, w, dn)), pick("ab", "wb"), f64, fixed("XLA")),
-            "XLA int8 dot_general→int32": (jax.jit(lambda a, w: jax.lax.dot_general(a, w, dn, preferred_element_type=jnp.int32)),
+            "XLA bf16 dot": (jax.jit(lambda a, w: jax.lax.dot_general(a, w, DN_KMAJOR)), pick("ab", "wb"), f64, fixed("XLA")),
+            "XLA int8 dot_general→int32": (jax.jit(lambda a, w: jax.lax.dot_general(a, w, DN_KMAJOR, preferred_element_type=jnp.int32)),
                                            pick("a8", "w8"), lambda o: f64(o) * scale_outer, fixed("XLA")),
             "qjax W8A8, autotuned (bf16 out)": (jax.jit(lambda a, sa, w, sw: w8a8_matmul(a, sa, w, sw)), pick("a8", "sa", "w8", "sw"),
                                                 f64, lambda: tuned(f"('w8a8', {n}, {n}, {n}")),
@@ -119,7 +128,6 @@ def bench_attention(seqs, batch=4, heads=32, d=128, causal=False, n_sets=2):
         ref = jax.nn.dot_product_attention(*(x.transpose(0, 2, 1, 3) for x in (q, k, v)), is_causal=causal).transpose(0, 2, 1, 3)
         bthd = [tuple(x.astype(jnp.bfloat16).transpose(0, 2, 1, 3) for x in st) for st in sets]  # (B, T, H, D)
         to_bhtd = lambda o: np.asarray(o.astype(jnp.float32).transpose(0, 2, 1, 3))  # noqa: E731
-        fixed = lambda text: lambda: text  # noqa: E731
         impl = "cudnn" if on_gpu else None
         cases = {f"jax.nn.dot_product_attention bf16 ({impl or 'xla'})": (
             jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)), bthd, to_bhtd, fixed(impl or "xla"))}
@@ -137,11 +145,6 @@ def bench_attention(seqs, batch=4, heads=32, d=128, causal=False, n_sets=2):
                                                          lambda pv=pv: tuned(f"('int8_attention', '{pv}', {batch}, {heads}, {heads}, {s}"))  # fmt: skip
         run_cases(cases, rows, s, flops, lambda name: ref)
     return rows
-
-
-def tune_once(fn, sets):
-    """Run one eager call so the autotuner can time candidates (it never times under jit)."""
-    jax.block_until_ready(fn(*sets[0]))
 
 
 def main(argv=None):

@@ -23,9 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from qjax.kernels.common import (
-    DEFAULT_TUNER,
     KernelConfig,
-    fit,
+    choose_config,
     interpret_default,
     is_traced,
     pad_to,
@@ -37,8 +36,19 @@ from qjax.numerics import QuantSpec, get_format, per_axis, per_block, per_token,
 
 LOG2E = math.log2(math.e)
 MASKED = -1e30
-PV_VARIANTS = {"int8": 127.0, "fp8": float(get_format("fp8_e4m3").max_value), "bf16": 1.0}
-"""PV variant → the constant P is scaled by before it is cast (folded into exp2)."""
+PV_FORMATS = {"int8": "int8", "fp8": "fp8_e4m3", "bf16": None}
+"""PV variant → the format of P and V (None: bf16, V unquantized)."""
+
+
+def p_scale(pv: str) -> float:
+    """The constant P in [0, 1] is multiplied by before it is cast (folded into exp2): its format's max."""
+    fmt = PV_FORMATS[pv]
+    return 1.0 if fmt is None else float(get_format(fmt).max_value)
+
+
+def _check_pv(pv: str) -> None:
+    if pv not in PV_FORMATS:
+        raise ValueError(f"pv must be one of {sorted(PV_FORMATS)}, got {pv!r}")
 C = KernelConfig
 ATTENTION_CONFIGS = (C((128, 64), 4, 3), C((128, 128), 8, 2), C((64, 64), 4, 2), C((64, 128), 4, 2), C((128, 32), 4, 3))
 """Candidates (block_q, block_k), warps, stages for the autotuner."""
@@ -49,7 +59,7 @@ def _flash_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, vs_ref, len_ref, o_ref, *
     qi = pl.program_id(2)
     q = q_ref[...]  # (bq, D) int8
     qs = qs_ref[...].reshape(block_q, 1) * (sm_scale * LOG2E)  # fold constants into the exp2 argument
-    log2_p_scale = math.log2(PV_VARIANTS[pv])  # P's cast scale, folded in as well
+    log2_p_scale = math.log2(p_scale(pv))  # P's cast scale, folded in as well
     kv_len = len_ref[0, 0]
     q_pos = qi * block_q + jnp.arange(block_q)[:, None] + offset  # absolute positions of the queries
     d = q.shape[-1]
@@ -117,9 +127,8 @@ def int8_flash_attention(
         raise TypeError(f"q and k must be int8, got {q.dtype}, {k.dtype}")
     if h % hkv:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hkv})")
-    if pv not in PV_VARIANTS:
-        raise ValueError(f"pv must be one of {sorted(PV_VARIANTS)}, got {pv!r}")
-    v_dtype = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}.get(pv)
+    _check_pv(pv)
+    v_dtype = None if PV_FORMATS[pv] is None else get_format(PV_FORMATS[pv]).storage_dtype
     if v_dtype is not None and (v.dtype != v_dtype or v_scale is None):
         raise TypeError(f"pv={pv!r} needs {jnp.dtype(v_dtype).name} v and per-channel v_scale (B, Hkv, D); got {v.dtype}")
     if d < 16 or d > 256 or d & (d - 1):
@@ -167,14 +176,8 @@ def int8_flash_attention(
         )  # fmt: skip
         return out[:, :, :t]
 
-    if isinstance(blocks, KernelConfig):
-        cfg = blocks
-    elif blocks is not None:
-        cfg = fit([KernelConfig(tuple(blocks))], (t, s))[0]
-    else:
-        key = ("int8_attention", pv, b, h, hkv, t, s, d, causal, str(out_dtype))
-        cfg = DEFAULT_TUNER.pick(key, fit(ATTENTION_CONFIGS, (t, s)), run, traced=is_traced(q, k, v, q_scale, k_scale))
-    return run(cfg)
+    key = ("int8_attention", pv, b, h, hkv, t, s, d, causal, str(out_dtype))
+    return run(choose_config(blocks, ATTENTION_CONFIGS, (t, s), key, run, is_traced(q, k, v, q_scale, k_scale)))
 
 
 def quantize_qkv(q, k, v, *, pv: str = "int8", k_smooth: bool = True, block: int | None = None):
@@ -184,8 +187,7 @@ def quantize_qkv(q, k, v, *, pv: str = "int8", k_smooth: bool = True, block: int
 
     Inputs (B, H, T, D) / (B, Hkv, S, D) float; returns (q8, k8, v', q_scale, k_scale, v_scale).
     """
-    if pv not in PV_VARIANTS:
-        raise ValueError(f"pv must be one of {sorted(PV_VARIANTS)}, got {pv!r}")
+    _check_pv(pv)
     if k_smooth:
         k = k - jnp.mean(k, axis=2, keepdims=True)
 
@@ -198,8 +200,7 @@ def quantize_qkv(q, k, v, *, pv: str = "int8", k_smooth: bool = True, block: int
         return xq.values[:, :, :t], jnp.repeat(xq.scale[..., 0], block, axis=2)[:, :, :t]
 
     (q8, qs), (k8, ks) = qk(q), qk(k)
-    if pv == "bf16":
+    if PV_FORMATS[pv] is None:
         return q8, k8, v.astype(jnp.bfloat16), qs, ks, None
-    fmt = "int8" if pv == "int8" else "fp8_e4m3"
-    vq = quantize(v.astype(jnp.float32), QuantSpec(fmt, per_axis(0, 1, 3)))  # per channel, over the sequence
+    vq = quantize(v.astype(jnp.float32), QuantSpec(PV_FORMATS[pv], per_axis(0, 1, 3)))  # per channel, over the sequence
     return q8, k8, vq.values, qs, ks, vq.scale[:, :, 0, :]

@@ -140,10 +140,11 @@ class Autotuner:
         return f"{getattr(dev, 'device_kind', dev.platform)}|jax {jax.__version__}|qjax {__version__}"
 
     def _load(self) -> None:
-        if self._loaded or not self.path or not os.path.exists(self.path):
-            self._loaded = True
+        if self._loaded:
             return
         self._loaded = True
+        if not self.path or not os.path.exists(self.path):
+            return
         try:
             with open(self.path) as f:
                 stored = json.load(f).get(self._scope(), {})
@@ -198,3 +199,13 @@ class Autotuner:
 
 
 DEFAULT_TUNER = Autotuner(path=_default_cache_path())
+
+
+def choose_config(blocks, candidates: Sequence[KernelConfig], dims: Sequence[int], key, run, traced: bool) -> KernelConfig:
+    """A kernel's launch configuration: the caller's `KernelConfig`, or its block sizes fitted to `dims`,
+    or (blocks=None) the default autotuner's pick among `candidates`."""
+    if isinstance(blocks, KernelConfig):
+        return blocks
+    if blocks is not None:
+        return fit([KernelConfig(tuple(blocks))], dims)[0]
+    return DEFAULT_TUNER.pick(key, fit(candidates, dims), run, traced=traced)

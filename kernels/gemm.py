@@ -13,9 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from qjax.kernels.common import (
-    DEFAULT_TUNER,
     KernelConfig,
-    fit,
+    choose_config,
     interpret_default,
     is_traced,
     jax_triton_available,
@@ -142,17 +141,8 @@ def w8a8_matmul(
     candidates = W8A8_CONFIGS
     if not grouped and not interpret and jax_triton_available():
         candidates += W8A8_TRITON_CONFIGS
-    return run(_config(blocks, candidates, (m, n, k), ("w8a8", m, n, k, group_size, raw_int32, str(out_dtype)),
-                       run, is_traced(a, w, a_scale, w_scale)))  # fmt: skip
-
-
-def _config(blocks, candidates, dims, key, run, traced) -> KernelConfig:
-    """The caller's blocks (fitted to the problem) or the autotuner's pick among `candidates`."""
-    if isinstance(blocks, KernelConfig):
-        return blocks
-    if blocks is not None:
-        return fit([KernelConfig(tuple(blocks))], dims)[0]
-    return DEFAULT_TUNER.pick(key, fit(candidates, dims), run, traced=traced)
+    return run(choose_config(blocks, candidates, (m, n, k), ("w8a8", m, n, k, group_size, raw_int32, str(out_dtype)),
+                            run, is_traced(a, w, a_scale, w_scale)))  # fmt: skip
 
 
 # ---- weight-only ---------------------------------------------------------------------------------------
@@ -254,4 +244,4 @@ def weight_only_matmul(
         return out[:m, :n]
 
     key = ("weight_only", bits, m, n, k, group_size, block_k, str(x.dtype))
-    return run(_config(blocks, WEIGHT_ONLY_CONFIGS, (m, n), key, run, is_traced(x, w, w_scale)))
+    return run(choose_config(blocks, WEIGHT_ONLY_CONFIGS, (m, n), key, run, is_traced(x, w, w_scale)))

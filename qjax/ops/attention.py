@@ -112,9 +112,13 @@ def _kernel_variant(q_spec, k_spec, v_spec, p_spec, p_scale) -> str | None:
         return None
     if v_spec is None or v_spec.granularity != per_axis(0, 2, 3) or p_scale is None:
         return None
-    for pv, fmt, scale in (("int8", "int8", 1 / 127), ("fp8", "fp8_e4m3", 1 / 448)):
+    from qjax.kernels.attention import PV_FORMATS, p_scale as kernel_p_scale  # kernels sit below ops
+
+    for pv, fmt in PV_FORMATS.items():
+        if fmt is None:
+            continue
         p_ok = plain(p_spec, fmt) if p_spec is not None else fmt == "int8"  # a bare p_scale means int8
-        if plain(v_spec, fmt) and p_ok and abs(p_scale - scale) < 1e-12:
+        if plain(v_spec, fmt) and p_ok and abs(p_scale - 1 / kernel_p_scale(pv)) < 1e-12:
             return pv
     return None
 
