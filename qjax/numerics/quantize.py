@@ -103,20 +103,31 @@ def compute_scale(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array |
 
 
 def _range_scale(xt: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array | None]:
-    fmt = spec.format
     axes = tile_axes(xt.ndim // 2)
     compact = xt.shape[0::2]
+    lo, hi = jnp.min(xt, axis=axes).reshape(compact), jnp.max(xt, axis=axes).reshape(compact)
+    return scale_from_range(lo, hi, spec)
+
+
+def scale_from_range(lo: jax.Array, hi: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array | None]:
+    """The spec's scale (and zero point) for a measured range per tile: the one rule every scale comes from.
+
+    `lo`/`hi` (any equal shapes) are clamped so that lo <= 0 <= hi and shrunk by `clip_ratio`.
+    Symmetric: abs-max max(-lo, hi) maps to the format's largest value (pow2: the OCP MX shared
+    exponent floor(log2(amax)) - emax, stored as e8m0). Asymmetric: [lo, hi] maps to [qmin, qmax]
+    with an integer zero point. Float scales are stored as `spec.scale_dtype`.
+    """
+    fmt = spec.format
+    lo = jnp.minimum(jnp.asarray(lo, jnp.float32), 0.0) * spec.clip_ratio
+    hi = jnp.maximum(jnp.asarray(hi, jnp.float32), 0.0) * spec.clip_ratio
     if spec.symmetric:
-        amax = (jnp.max(jnp.abs(xt), axis=axes) * spec.clip_ratio).reshape(compact)
+        amax = jnp.maximum(-lo, hi)
         if spec.scale_mode == "pow2":
-            # OCP MX: shared exponent = floor(log2(amax)) - emax of the element format.
             emax = np.floor(np.log2(fmt.max_value))
             exp = jnp.floor(jnp.log2(jnp.where(amax > 0, amax, 1.0))) - emax
             return jnp.exp2(exp).astype(jnp.float8_e8m0fnu), None
         scale = jnp.where(amax > 0, amax / fmt.max_value, 1.0)
         return scale.astype(_SCALE_DTYPES[spec.scale_dtype]), None
-    lo = (jnp.minimum(jnp.min(xt, axis=axes), 0.0) * spec.clip_ratio).reshape(compact)
-    hi = (jnp.maximum(jnp.max(xt, axis=axes), 0.0) * spec.clip_ratio).reshape(compact)
     scale = jnp.where(hi > lo, (hi - lo) / (fmt.qmax - fmt.qmin), 1.0).astype(_SCALE_DTYPES[spec.scale_dtype])
     zero_point = jnp.clip(jnp.round(fmt.qmin - lo / scale.astype(jnp.float32)), fmt.qmin, fmt.qmax)
     return scale, zero_point.astype(fmt.storage_dtype)

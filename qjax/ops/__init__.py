@@ -2,6 +2,7 @@
 
 from qjax.ops.attention import attention, causal_mask
 from qjax.ops.conv import conv_general_dilated
-from qjax.ops.dot_general import dot_general, einsum, integer_dot_general
+from qjax.ops.dot_general import dot_general, einsum, integer_dot_general, outlier_features
 
-__all__ = ["attention", "causal_mask", "conv_general_dilated", "dot_general", "einsum", "integer_dot_general"]
+__all__ = ["attention", "causal_mask", "conv_general_dilated", "dot_general", "einsum", "integer_dot_general",
+           "outlier_features"]

@@ -7,6 +7,10 @@ Two paths share one set of specs:
     over blocks; zero points are handled with exact int32 correction terms.
 Operands may be plain arrays (quantized on the fly with `lhs_spec`/`rhs_spec`) or ready `QArray`s
 (e.g. PTQ weights). An operand with neither stays in float (weight-only / activation-only schemes).
+
+`outlier_threshold=t` adds LLM.int8()'s mixed-precision decomposition (Dettmers et al. 2022): the lhs
+(activation) features j with max |x_j| ≥ t over all its non-contracting elements are contracted in float,
+the rest through either path above. The set is recomputed every call as a mask (static shapes, jit-safe).
 """
 
 from __future__ import annotations
@@ -41,10 +45,15 @@ def dot_general(
     rhs_key: jax.Array | None = None,
     gradient: str = "ste",
     use_kernels: bool | None = None,
+    outlier_threshold: float | None = None,
 ) -> jax.Array:
     """`jax.lax.dot_general` with quantized operands (see the module docstring for the two paths)."""
     if mode not in ("fake", "int"):
         raise ValueError(f"mode must be 'fake' or 'int', got {mode!r}")
+    if outlier_threshold is not None:
+        quant = dict(lhs_spec=lhs_spec, rhs_spec=rhs_spec, mode=mode, lhs_key=lhs_key, rhs_key=rhs_key,
+                     gradient=gradient, use_kernels=use_kernels)  # fmt: skip
+        return _decomposed(lhs, rhs, dimension_numbers, outlier_threshold, precision, preferred_element_type, quant)
     out_dtype = preferred_element_type or _float_dtype(lhs, rhs)
     if mode == "fake":
         a = _fake_operand(lhs, lhs_spec, lhs_key, gradient, "lhs")
@@ -63,6 +72,47 @@ def dot_general(
     a = a.dequantize(out_dtype) if isinstance(a, QArray) else a
     b = b.dequantize(out_dtype) if isinstance(b, QArray) else b
     return jax.lax.dot_general(a, b, dimension_numbers, precision, preferred_element_type=out_dtype)
+
+
+# ---- LLM.int8() outlier decomposition ------------------------------------------------------------
+
+
+def outlier_features(x: jax.Array, threshold: float = 6.0, axes: Sequence[int] = (-1,)) -> jax.Array:
+    """Boolean mask over x's feature `axes` (in that order): max |x| over all other axes ≥ threshold."""
+    axes = tuple(a % x.ndim for a in axes)
+    amax = jnp.max(jnp.abs(x), axis=tuple(a for a in range(x.ndim) if a not in axes))  # axes in sorted order
+    return jnp.transpose(amax, [sorted(axes).index(a) for a in axes]) >= threshold
+
+
+def _decomposed(lhs, rhs, dimension_numbers: DimensionNumbers, threshold: float, precision, preferred_element_type,
+                quant: dict) -> jax.Array:  # fmt: skip
+    """LLM.int8(): float dot over the lhs outlier features + quantized dot over the rest, via masks.
+
+    The quantized part sees x with the outlier features zeroed and, for a float rhs, the weight with the
+    matching rows zeroed (so its scales ignore them), and the float part uses the exact float rows. A packed
+    QArray rhs keeps its scales (the zeroed activations contribute exactly 0 through them), and its outlier
+    rows come from its dequantized values: the float rows are gone, as in bitsandbytes' Linear8bitLt with
+    `has_fp16_weights=False`; a deployment that kept them in fp16 would pass the float weight instead.
+    """
+    if isinstance(lhs, QArray):
+        raise ValueError("outlier_threshold needs a float lhs (the activations) to find outliers in, not a QArray")
+    (lc, rc), _ = dimension_numbers
+    lc, rc = tuple(a % lhs.ndim for a in lc), tuple(a % rhs.ndim for a in rc)
+    mask = outlier_features(lhs, threshold, lc)
+    lmask, rmask = _place(mask, lc, lhs.ndim), _place(mask, rc, rhs.ndim)
+    w = rhs.dequantize(lhs.dtype) if isinstance(rhs, QArray) else rhs
+    x_regular = jnp.where(lmask, 0.0, lhs)
+    w_regular = rhs if isinstance(rhs, QArray) else jnp.where(rmask, 0.0, rhs)
+    regular = dot_general(x_regular, w_regular, dimension_numbers, precision, preferred_element_type, **quant)
+    x_outlier = jnp.where(lmask, lhs, 0.0)
+    outliers = jax.lax.dot_general(x_outlier, w, dimension_numbers, precision, preferred_element_type=regular.dtype)
+    return regular + outliers
+
+
+def _place(mask: jax.Array, axes: tuple[int, ...], ndim: int) -> jax.Array:
+    """Lay a mask over `axes` (in that order) out to broadcast against a rank-`ndim` operand."""
+    shape = [mask.shape[axes.index(a)] if a in axes else 1 for a in range(ndim)]
+    return jnp.transpose(mask, np.argsort(axes)).reshape(shape)
 
 
 def _float_dtype(*xs):
@@ -294,6 +344,7 @@ def einsum(
     lhs_key: jax.Array | None = None,
     rhs_key: jax.Array | None = None,
     gradient: str = "ste",
+    outlier_threshold: float | None = None,
 ) -> jax.Array:
     """Two-operand `jnp.einsum` with quantized operands, lowered to one quantized `dot_general`.
 
@@ -313,7 +364,7 @@ def einsum(
     )
     y = dot_general(
         lhs, rhs, dims, preferred_element_type=preferred_element_type, lhs_spec=lhs_spec, rhs_spec=rhs_spec,
-        mode=mode, lhs_key=lhs_key, rhs_key=rhs_key, gradient=gradient,
+        mode=mode, lhs_key=lhs_key, rhs_key=rhs_key, gradient=gradient, outlier_threshold=outlier_threshold,
     )  # fmt: skip
     produced = batch + [c for c in l_in if c not in r_in] + [c for c in r_in if c not in l_in]
     return jnp.transpose(y, [produced.index(c) for c in out])

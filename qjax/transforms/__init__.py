@@ -13,6 +13,7 @@ from qjax.transforms.intercept import QIntercepted
 from qjax.transforms.linen import QuantizedLinen
 from qjax.transforms.nnx_modules import (
     LearnedScale,
+    OnlineTransform,
     QConv,
     QDotGeneral,
     QEinsum,
@@ -24,7 +25,7 @@ from qjax.transforms.nnx_modules import (
     StaticScale,
     quantize_gradient,
 )
-from qjax.transforms.nnx_quantize import quantize_nnx, quantized_ops
+from qjax.transforms.nnx_quantize import float_op, quantize_nnx, quantized_ops
 from qjax.transforms.recipe import MODES, Recipe, Rule, check_mode
 
 
@@ -47,13 +48,14 @@ def quantize(model, recipe: Recipe | list[Rule], mode: str = "qat"):
 
 
 def param_bytes(model: nnx.Module) -> int:
-    """Bytes held by a model's parameters and packed weights (QArrays count their packed size)."""
-    state = nnx.state(model, nnx.Param, QuantizedWeight)
+    """Bytes held by a model's parameters, packed weights (QArrays count their packed size) and stored
+    online transforms (rotation blocks, Hadamard signs)."""
+    state = nnx.state(model, nnx.Param, QuantizedWeight, OnlineTransform)
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state))
 
 
 __all__ = [
-    "MODES", "LearnedScale", "QConv", "QDotGeneral", "QEinsum", "QEmbed", "QIntercepted", "QLinear", "QuantStat", "QuantizedLinen",
+    "MODES", "LearnedScale", "OnlineTransform", "float_op", "QConv", "QDotGeneral", "QEinsum", "QEmbed", "QIntercepted", "QLinear", "QuantStat", "QuantizedLinen",
     "QuantizedOp", "QuantizedWeight", "Recipe", "Rule", "StaticScale", "param_bytes", "quantize", "quantize_gradient",
     "quantized_ops", "restore_model", "save_model",
 ]  # fmt: skip

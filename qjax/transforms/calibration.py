@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from qjax.numerics import QuantSpec
+from qjax.numerics import QuantSpec, scale_from_range
+from qjax.numerics.ranges import ema_range
 
 
 def stat_shape(spec: QuantSpec, features: int) -> tuple[int, ...]:
@@ -48,8 +49,8 @@ def observe(stats: dict, x: jnp.ndarray, observer: str, ema_decay: float = 0.01,
     if observer == "minmax":
         new_lo, new_hi = jnp.minimum(stats["min"], lo), jnp.maximum(stats["max"], hi)
     elif observer == "ema":
-        new_lo = jnp.where(first, lo, (1 - ema_decay) * stats["min"] + ema_decay * lo)
-        new_hi = jnp.where(first, hi, (1 - ema_decay) * stats["max"] + ema_decay * hi)
+        new_lo = jnp.where(first, lo, ema_range(stats["min"], lo, ema_decay))
+        new_hi = jnp.where(first, hi, ema_range(stats["max"], hi, ema_decay))
     elif observer == "percentile":  # running mean of per-batch percentiles
         new_lo = jnp.where(first, lo, (stats["min"] * n + lo) / (n + 1))
         new_hi = jnp.where(first, hi, (stats["max"] * n + hi) / (n + 1))
@@ -60,22 +61,14 @@ def observe(stats: dict, x: jnp.ndarray, observer: str, ema_decay: float = 0.01,
 
 
 def scale_from_stats(stats: dict, spec: QuantSpec) -> tuple[jnp.ndarray, jnp.ndarray | None]:
-    """Static scale (and zero point) from calibrated statistics, as the spec's range rule would give."""
+    """Static scale (and zero point) from calibrated statistics: the same rule as dynamic scales (`scale_from_range`)."""
     if bool(jnp.any(stats["count"] == 0)):
         raise ValueError("no calibration statistics: run the model in 'calibrate' mode on some batches first")
     bad = int(jnp.sum(stats["nonfinite"]))
     if bad or not bool(jnp.all(jnp.isfinite(stats["min"])) and jnp.all(jnp.isfinite(stats["max"]))):
         raise ValueError(f"calibration statistics contain NaN/Inf ({bad} non-finite activation values seen): "
                          "the calibration batches, or the activations they produced, were not finite")  # fmt: skip
-    fmt = spec.format
-    lo = jnp.minimum(stats["min"], 0.0) * spec.clip_ratio
-    hi = jnp.maximum(stats["max"], 0.0) * spec.clip_ratio
-    if spec.symmetric:
-        amax = jnp.maximum(-lo, hi)
-        return jnp.where(amax > 0, amax / fmt.max_value, 1.0).astype(jnp.float32), None
-    scale = jnp.where(hi > lo, (hi - lo) / (fmt.qmax - fmt.qmin), 1.0).astype(jnp.float32)
-    zp = jnp.clip(jnp.round(fmt.qmin - lo / scale), fmt.qmin, fmt.qmax).astype(fmt.storage_dtype)
-    return scale, zp
+    return scale_from_range(stats["min"], stats["max"], spec)
 
 
 def broadcast_static(param: jnp.ndarray, ndim: int) -> jnp.ndarray:

@@ -38,6 +38,14 @@ class QIntercepted(QuantizedOp):
         self.mode = "qat"
         self.convert(mode)
 
+    def set_rule(self, rule: Rule, mode: str) -> None:
+        """A new rule: float weights are re-quantized by it; packed ones only under the same weight spec."""
+        packed = any(isinstance(v.get_value(), QArray) for _, v in nnx.to_flat_state(nnx.state(self.inner, QuantizedWeight)))
+        if packed and rule.weight != self.rule.weight:
+            raise ValueError(f"{self.path}: the weights are already packed with {self.rule.weight}; quantize the float model instead")
+        self.rule = rule
+        self.convert(mode)
+
     def convert(self, mode: str) -> None:
         if self.mode in ("ptq", "serve") and mode in ("qat", "calibrate"):
             raise ValueError(f"{self.path}: cannot go from {self.mode!r} back to {mode!r}: the float weights were packed")

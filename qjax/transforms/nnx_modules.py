@@ -4,7 +4,9 @@ Each holds the original parameters plus quantization state as NNX variables:
   - `QuantStat`: calibration statistics of the input activation (calibrate mode),
   - `StaticScale`: activation scale/zero point frozen from those statistics (ptq/serve, static_act),
   - `QuantizedWeight`: the packed `QArray` weight (ptq/serve),
-  - `LearnedScale` (an `nnx.Param`): LSQ weight scales (qat with gradient="lsq").
+  - `LearnedScale` (an `nnx.Param`): LSQ weight scales (qat with gradient="lsq"),
+  - `OnlineTransform`: a linear map applied to the input before quantization (a Hadamard before
+    down_proj, DuQuant's rotation), whose inverse the kernel already holds (`add_input_transform`).
 The mode decides the arithmetic: qat = fake quant with STE/LSQ; calibrate = float forward + observers;
 ptq = packed weights dequantized on the fly, activations fake-quantized (static or dynamic scales);
 serve = integer path (int8×int8→int32; the Pallas kernels on GPU when available).
@@ -41,6 +43,10 @@ class QuantizedWeight(nnx.Variable):
 
 class LearnedScale(nnx.Param):
     """A learnable (LSQ) quantization scale; trained with the other parameters."""
+
+
+class OnlineTransform(nnx.Variable):
+    """A `qjax.numerics.linear_maps` map applied to an op's input at run time (stored, so counted in bytes)."""
 
 
 # ---- gradient quantization ---------------------------------------------------------------------------
@@ -88,13 +94,21 @@ def set_child(root, path: tuple, new) -> None:
 class QuantizedOp(nnx.Module):
     """Common state and activation/weight handling for every quantized op."""
 
+    op_kind = "dot_general"  # the rule op kind this module answers to
+
     def _init_quant(self, rule: Rule, mode: str, path: str, features: int, n_stacked: int):
         """Common state; the op starts in qat (or calibrate) and `convert` then moves it to `mode`."""
-        self.rule, self.mode, self.path = rule, ("calibrate" if mode == "calibrate" else "qat"), path
-        self.n_stacked = n_stacked
+        self.path, self.n_stacked, self.features = path, n_stacked, features
+        self.input_transform = nnx.data(None)
+        self._reset_quant(rule, "calibrate" if mode == "calibrate" else "qat")
+
+    def _reset_quant(self, rule: Rule, mode: str) -> None:
+        """Quantization state for `rule`, as a freshly wrapped op in `mode` (qat or calibrate) has it."""
+        self.rule, self.mode = rule, mode
         self.act_stats = nnx.data(None)
         self.act_scale = nnx.data(None)
         self.weight_scale = nnx.data(None)
+        features = self.features
         if rule.act is not None and (rule.static_act or self.mode == "calibrate"):
             stack = self._stack_shape()  # stacked (scanned) layers get one set of statistics each
             stats = calibration.init_stats(calibration.stat_shape(rule.act, features))
@@ -102,11 +116,16 @@ class QuantizedOp(nnx.Module):
 
     def _stack_shape(self) -> tuple[int, ...]:
         """Leading layer axes of a stacked float kernel (the op is built before any packing)."""
-        return tuple(self.kernel.get_value().shape[: self.n_stacked]) if self.n_stacked else ()
+        if not self.n_stacked:
+            return ()
+        value = self.kernel.get_value()
+        return tuple((value.values if isinstance(value, QArray) else value).shape[: self.n_stacked])
 
     # -- operands
     def _activation(self, x: jax.Array):
         rule, mode = self.rule, self.mode
+        if self.input_transform is not None:
+            x = self.input_transform.get_value().apply(x)
         if rule.act is not None and mode == "calibrate":
             stats = self.act_stats.get_value()
             self.act_stats.set_value(calibration.observe(stats, x, rule.observer, rule.ema_decay, rule.percentile))
@@ -128,6 +147,53 @@ class QuantizedOp(nnx.Module):
 
     def _matmul_mode(self) -> str:
         return matmul_mode(self.mode)
+
+    # -- rules, weights and transforms set by methods
+    def set_rule(self, rule: Rule, mode: str) -> None:
+        """Re-quantize this op with a new rule (e.g. a later recipe's): the new rule is what counts.
+
+        Float weights are simply re-quantized; weights already packed (ptq/serve, or set by a method
+        such as GPTQ) are kept only when the new rule asks for the same weight spec.
+        """
+        if rule == self.rule:
+            self.convert(mode)
+            return
+        packed = self.kernel is not None and isinstance(self.kernel.get_value(), QArray)
+        if packed and rule.weight != self.rule.weight:
+            raise ValueError(f"{self.path}: the weight is already packed with {self.rule.weight}; a new rule asks for "
+                             f"{rule.weight}. Quantize the float model instead.")  # fmt: skip
+        old_mode = self.mode
+        self._reset_quant(rule, "calibrate" if mode == "calibrate" else "qat")
+        if packed:
+            self.mode = old_mode if old_mode in ("ptq", "serve") else "ptq"
+        self.convert(mode)
+
+    def set_weight(self, weight: QArray) -> None:
+        """Use a weight computed by a method (GPTQ, AWQ's clipped codes) as this op's packed weight."""
+        if self.rule.weight is None:
+            raise ValueError(f"{self.path}: set_weight needs a rule with a weight spec")
+        current = self.kernel.get_value()
+        if tuple(weight.shape) != tuple(current.shape):
+            raise ValueError(f"{self.path}: weight of shape {weight.shape} does not fit the kernel {tuple(current.shape)}")
+        if weight.format != self.rule.weight.format:
+            raise ValueError(f"{self.path}: weight format {weight.format.name} differs from the rule's {self.rule.weight.format.name}")
+        self.kernel = QuantizedWeight(weight)
+        self.weight_scale = None
+        if self.mode not in ("ptq", "serve"):
+            self.mode = "ptq"
+
+    def add_input_transform(self, m, *, fold: bool = True) -> None:
+        """Apply linear map `m` to the input at run time (after any earlier one); the float kernel absorbs
+        its inverse when `fold`, so the float function is unchanged."""
+        from qjax.numerics.linear_maps import compose, fold_into_kernel
+
+        if fold:
+            value = self.kernel.get_value()
+            if isinstance(value, QArray):
+                raise ValueError(f"{self.path}: cannot fold an input transform into an already packed weight")
+            self.kernel.set_value(fold_into_kernel(m, value.astype(jnp.float32)).astype(value.dtype))
+        old = None if self.input_transform is None else self.input_transform.get_value()
+        self.input_transform = OnlineTransform(compose(old, m))
 
     # -- conversion between modes
     def convert(self, mode: str) -> None:
@@ -187,6 +253,8 @@ class QLinear(QuantizedOp):
 class QEinsum(QuantizedOp):
     """Quantized `nnx.Einsum` (weight in the module's `kernel_shape` layout)."""
 
+    op_kind = "einsum"
+
     def __init__(self, einsum: nnx.Einsum, rule: Rule, mode: str, path: str):
         self.einsum_str = einsum.einsum_str.replace(" ", "")
         self.kernel = einsum.kernel
@@ -220,6 +288,8 @@ def _einsum_bias_view(einsum_str: str, bias: jax.Array, out_ndim: int) -> jax.Ar
 
 class QConv(QuantizedOp):
     """Quantized `nnx.Conv` (kernel (*window, in // groups, out)); string/explicit padding, no mask."""
+
+    op_kind = "conv"
 
     def __init__(self, conv: nnx.Conv, rule: Rule, mode: str, path: str):
         if isinstance(conv.padding, str) and conv.padding.upper() in ("CIRCULAR", "REFLECT", "CAUSAL"):
@@ -270,6 +340,8 @@ def _padding_pairs(p, n) -> Sequence[tuple[int, int]]:
 
 class QEmbed(QuantizedOp):
     """Quantized `nnx.Embed` (table (vocab, features)); `attend` is the tied output projection."""
+
+    op_kind = "embed"
 
     def __init__(self, embed: nnx.Embed, rule: Rule, mode: str, path: str):
         self.num_embeddings, self.features = embed.num_embeddings, embed.features

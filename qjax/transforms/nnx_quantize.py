@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 from flax import nnx
 
 from qjax.layers import AttentionOp, KVCache
 from qjax.transforms.apply import matmul_mode
 from qjax.transforms.intercept import QIntercepted
 from qjax.transforms.nnx_modules import QConv, QDotGeneral, QEinsum, QEmbed, QLinear, QuantizedOp, set_child
-from qjax.transforms.recipe import Recipe
+from qjax.transforms.recipe import Recipe, Rule
 
 # Flax module type -> (op kind, quantized replacement)
 _REPLACEMENTS = {
@@ -33,9 +35,13 @@ def quantize_nnx(model: nnx.Module, recipe: Recipe, mode: str) -> nnx.Module:
         name = path_str(path)
         if any(path[: len(q)] == q and len(path) > len(q) for q in quantized):
             continue  # inside a quantized op (e.g. the module an interceptor wraps): its owner handles it
-        if isinstance(module, QuantizedOp):  # already quantized: move to the new mode
-            module.convert(mode)
-            used.add(_rule_index(recipe, module))
+        if isinstance(module, QuantizedOp):  # already quantized: the new recipe's rule (if any) applies
+            match = recipe.match(name, module.op_kind)
+            if match is None:
+                module.convert(mode)
+            else:
+                used.add(match[0])
+                module.set_rule(match[1], mode)
             continue
         if isinstance(module, (AttentionOp, KVCache)):
             match = recipe.match(name, "attention")
@@ -72,7 +78,7 @@ def quantize_nnx(model: nnx.Module, recipe: Recipe, mode: str) -> nnx.Module:
             used.add(match[0])
             if not match[1].skip:
                 set_child(model, path, QIntercepted(module, match[1], mode, name))
-    recipe.report_unused(used - {-1})
+    recipe.report_unused(used)
     return model
 
 
@@ -94,8 +100,15 @@ def _configure_attention(module, rule, mode: str) -> None:
         module.set_spec(rule.kv)
 
 
-def _rule_index(recipe: Recipe, module: QuantizedOp) -> int:
-    return next((i for i, r in enumerate(recipe.rules) if r == module.rule), -1)
+def float_op(module: nnx.Module, path: str) -> QuantizedOp:
+    """`module` as a quantized op that quantizes nothing yet (a rule with no specs), so that methods can
+    attach input transforms or weights before a `quantize` step sets the real rule."""
+    if isinstance(module, QuantizedOp):
+        return module
+    cls = next((c for t, (_, c) in _REPLACEMENTS.items() if type(module) is t), None)
+    if cls is None:
+        raise TypeError(f"{path}: a {type(module).__name__} cannot hold an input transform (Linear/Einsum/Conv/Embed can)")
+    return cls(module, Rule(re.escape(path)), "qat", path)
 
 
 def quantized_ops(model: nnx.Module) -> dict[str, QuantizedOp]:

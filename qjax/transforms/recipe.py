@@ -37,6 +37,8 @@ class Rule:
     q, k, v, p: attention operand specs (op="attention"); p_scale: a fixed P scale (1/127 as in
       INT-FlashAttention); k_smooth: subtract K's per-channel mean first (SageAttention).
     kv: storage spec of `qjax.layers.KVCache` modules matched by an op="attention" rule (per token).
+    outlier_threshold: LLM.int8(): input features whose max |x| reaches it are multiplied in float, the
+      rest quantized (dot_general ops).
     skip: matched modules stay in float (use it to exempt e.g. `lm_head` before a catch-all rule).
     """
 
@@ -57,6 +59,7 @@ class Rule:
     kv: QuantSpec | None = None
     p_scale: float | None = None
     k_smooth: bool = False
+    outlier_threshold: float | None = None
     skip: bool = False
 
     def __post_init__(self):
@@ -70,6 +73,8 @@ class Rule:
                 raise ValueError(f"unknown rule op {op!r}; expected one of {OP_KINDS}")
         if self.gradient not in ("ste", "clipped_ste", "lsq"):
             raise ValueError(f"unknown gradient rule {self.gradient!r}; expected 'ste', 'clipped_ste' or 'lsq'")
+        if self.outlier_threshold is not None and not self.outlier_threshold > 0:
+            raise ValueError(f"outlier_threshold must be positive, got {self.outlier_threshold}")
         if self.observer not in ("minmax", "ema", "percentile"):
             raise ValueError(f"unknown observer {self.observer!r}; expected 'minmax', 'ema' or 'percentile'")
         for name in ("weight", "act", "backward", "q", "k", "v", "p", "kv"):
