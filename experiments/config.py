@@ -67,10 +67,13 @@ class SpecConfig:
 
 @dataclasses.dataclass
 class RuleConfig:
-    """One `qjax.Rule`: a regex on module paths (fullmatch; first match wins), an op kind, and specs."""
+    """One `qjax.Rule`: a regex on module paths (fullmatch; first match wins), an op kind, and specs.
+
+    `op` defaults to "dot_general" (Linear layers and dot_general hooks); name "embed", "einsum", "conv",
+    "attention" or a list of them, or `null` for every op kind."""
 
     pattern: str = ".*"
-    op: str | list[str] | None = None
+    op: str | list[str] | None = "dot_general"
     weight: SpecConfig | None = None
     act: SpecConfig | None = None
     static_act: bool = False

@@ -31,6 +31,7 @@ from qjax.experiments.schema import ConfigError, from_dict
 # Modules that register step kinds: a new method is one new file plus one line here.
 STEP_MODULES = (
     "basic_steps",
+    "rotate",
 )
 
 

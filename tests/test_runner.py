@@ -35,9 +35,11 @@ def _config(tmp_path, model_dir, **extra):
         "data": {"corpus": "austen", "split": "test", "seq_len": 32, "max_windows": 4, "batch_size": 2, "calibration_windows": 2},
         "recipes": [
             {"name": "float"},
-            {"name": "w8a8", "weight": {"format": "int8"}, "act": {"format": "int8", "granularity": "token"}, "save": True},
-            {"name": "w4 static", "weight": {"format": "int4", "granularity": "group", "group_size": 16},
-             "act": {"format": "int8", "granularity": "tensor"}, "static_act": True},
+            {"name": "w8a8", "save": True,
+             "steps": [{"quantize": {"rules": [{"weight": {"format": "int8"}, "act": {"format": "int8", "granularity": "token"}}]}}]},
+            {"name": "w4 static", "steps": [{"quantize": {"rules": [
+                {"weight": {"format": "int4", "granularity": "group", "group_size": 16},
+                 "act": {"format": "int8", "granularity": "tensor"}, "static_act": True}]}}]},
         ],
     }  # fmt: skip
     cfg.update(extra)
@@ -52,8 +54,16 @@ def test_config_errors_name_the_key_and_the_file(tmp_path, tiny_model_dir):
         load_config(path, ["data.seqlen=3"])
     with pytest.raises(ConfigError, match=r"'data.seq_len' must be int, got str"):
         load_config(path, ["data.seq_len=long"])
-    with pytest.raises(ConfigError, match=r"'recipes.1.weight.format' must be str"):
-        load_config(path, ["recipes.1.weight.format=8"])
+    with pytest.raises(ConfigError, match=r"'recipes.1.steps.0.quantize.rules.0.weight.format' must be str"):
+        load_config(path, ["recipes.1.steps.0.quantize.rules.0.weight.format=8"])
+    with pytest.raises(ConfigError, match=r"cfg.yaml: unknown step 'smoothquant2' at 'recipes.1.steps.0'"):
+        load_config(path, ["recipes.1.steps=[{smoothquant2: {}}]"])
+    with pytest.raises(ConfigError, match=r"cfg.yaml: recipes.1.steps.0.quantize: mode must be one of"):
+        load_config(path, ["recipes.1.steps.0.quantize.mode=bogus"])
+    with pytest.raises(ConfigError, match=r"cfg.yaml: recipes.1.steps.0.quantize.rules.0.weight: unknown granularity 'row'"):
+        load_config(path, ["recipes.1.steps.0.quantize.rules.0.weight.granularity=row"])
+    with pytest.raises(ConfigError, match=r"repeated: \['float'\]"):
+        load_config(path, ["recipes.1.name=float"])
     raw = yaml.safe_load(open(path))
     del raw["name"]
     (tmp_path / "noname.yaml").write_text(yaml.safe_dump(raw))
@@ -76,7 +86,7 @@ def test_run_writes_a_complete_run_directory(tmp_path, tiny_model_dir):
     # the saved quantized model restores and reproduces the recorded perplexity
     import qjax
 
-    template = qjax.quantize(model, runner.recipe_rules(cfg.recipes[1]), "ptq")
+    template = qjax.quantize(model, cfg.recipes[1].steps[0].config.recipe(), "ptq")
     restored = qjax.restore_model(template, run_dir / "checkpoints" / "w8a8")
     np.testing.assert_allclose(perplexity(restored, w, batch_size=2, progress=False), rows[1]["perplexity"], rtol=1e-9)
 
@@ -86,23 +96,23 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, tiny_model_dir, mo
     full = runner.run(cfg, raw, progress=False)
 
     cfg2, raw2 = load_config(_config(tmp_path, tiny_model_dir, name="interrupted"))
-    real = runner.evaluate_recipe
+    real = runner.run_steps
     calls = []
 
-    def flaky(model, r, *a, **k):
-        calls.append(r.name)
+    def flaky(model, steps, ctx, **k):
+        calls.append(ctx.label)
         if len(calls) == 2:
             raise KeyboardInterrupt  # killed mid-run, after the first recipe was recorded
-        return real(model, r, *a, **k)
+        return real(model, steps, ctx, **k)
 
-    monkeypatch.setattr(runner, "evaluate_recipe", flaky)
+    monkeypatch.setattr(runner, "run_steps", flaky)
     with pytest.raises(KeyboardInterrupt):
         runner.run(cfg2, raw2, progress=False)
     metrics = tmp_path / "runs" / "interrupted" / "metrics.jsonl"
     assert len(runner.read_metrics(str(metrics))) == 1
     with open(metrics, "a") as f:
         f.write('{"recipe": "w8a8", "perpl')  # a torn line from a crash during the write
-    monkeypatch.setattr(runner, "evaluate_recipe", lambda model, r, *a, **k: (calls.append(r.name), real(model, r, *a, **k))[1])
+    monkeypatch.setattr(runner, "run_steps", lambda model, steps, ctx, **k: (calls.append(ctx.label), real(model, steps, ctx, **k))[1])
     resumed = runner.run(cfg2, raw2, progress=False)
     assert calls[2:] == ["w8a8", "w4 static"]  # the finished recipe was not recomputed
     assert [r["perplexity"] for r in resumed] == pytest.approx([r["perplexity"] for r in full], rel=1e-9)
@@ -126,8 +136,10 @@ def test_sweep_runs_the_grid_and_prints_one_table(tmp_path, tiny_model_dir, caps
 def test_qat_finetuning_resumes_from_its_latest_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
     from qjax.experiments import finetune as ft
 
-    recipe = {"name": "w4a8 qat", "weight": {"format": "int4", "granularity": "group", "group_size": 16},
-              "act": {"format": "int8", "granularity": "token"}, "finetune": {"steps": 6, "learning_rate": 3e-3, "batch_size": 2, "checkpoint_every": 2}}  # fmt: skip
+    rules = [{"weight": {"format": "int4", "granularity": "group", "group_size": 16}, "act": {"format": "int8", "granularity": "token"}}]
+    recipe = {"name": "w4a8 qat", "steps": [{"quantize": {"rules": rules, "mode": "qat"}},
+                                            {"finetune": {"steps": 6, "learning_rate": 3e-3, "batch_size": 2, "checkpoint_every": 2}},
+                                            {"quantize": {"mode": "ptq"}}]}  # fmt: skip
     cfg, raw = load_config(_config(tmp_path, tiny_model_dir, name="ft-full", recipes=[recipe]))
     (full,) = runner.run(cfg, raw, progress=False)
     assert full["finetune_loss_last"] < full["finetune_loss_first"]
@@ -145,10 +157,62 @@ def test_qat_finetuning_resumes_from_its_latest_checkpoint(tmp_path, tiny_model_
     monkeypatch.setattr(ft, "batch_at", killed_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         runner.run(cfg2, raw2, progress=False)
-    ckpts = tmp_path / "runs" / "ft-cut" / "checkpoints" / "w4a8_qat-finetune"
+    (ckpts,) = (tmp_path / "runs" / "ft-cut" / "cache").glob("*.work")  # the finetune step's private directory
     assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["2"]
     monkeypatch.setattr(ft, "batch_at", lambda tokens, step, *a: (seen.append(step), real_batch(tokens, step, *a))[1])
     (resumed,) = runner.run(cfg2, raw2, progress=False)
     assert seen == [0, 1, 2, 2, 3, 4, 5]  # steps 0-1 checkpointed at 2; step 2 was lost with the interrupt and redone
     assert resumed["finetune_loss_last"] == pytest.approx(full["finetune_loss_last"], rel=1e-6)
     assert resumed["perplexity"] == pytest.approx(full["perplexity"], rel=1e-6)
+
+
+def test_shared_prefixes_are_computed_once_and_runs_resume_mid_pipeline(tmp_path, tiny_model_dir, monkeypatch):
+    from qjax.experiments import finetune as ft
+
+    rules = [{"weight": {"format": "int4", "granularity": "group", "group_size": 16}, "act": {"format": "int8", "granularity": "token"}}]
+    prefix = [{"quantize": {"rules": rules, "mode": "qat"}}, {"finetune": {"steps": 3, "learning_rate": 3e-3, "batch_size": 2}}]
+    recipes = [{"name": "qat→ptq", "steps": prefix + [{"quantize": {"mode": "ptq"}}]},
+               {"name": "qat→serve", "steps": prefix + [{"quantize": {"mode": "serve"}}]}]  # fmt: skip
+    cfg, raw = load_config(_config(tmp_path, tiny_model_dir, name="shared", recipes=recipes))
+    real_finetune = ft.finetune
+    trained = []
+    monkeypatch.setattr(ft, "finetune", lambda model, *a, **k: (trained.append(1), real_finetune(model, *a, **k))[1])
+    rows = runner.run(cfg, raw, progress=False)
+    assert len(trained) == 1  # the second recipe reused the cached [quantize, finetune] prefix
+    assert rows[0]["perplexity"] == pytest.approx(rows[1]["perplexity"], rel=1e-3)  # same weights, fake vs int arithmetic
+    assert os.listdir(tmp_path / "runs" / "shared" / "cache") == []  # nothing kept once every recipe finished
+
+    # killed during evaluation: the rerun starts from the cached model after the last conversion step
+    cfg2, raw2 = load_config(_config(tmp_path, tiny_model_dir, name="mid", recipes=recipes[:1]))
+    import qjax.eval as qe
+
+    real_ppl = qe.perplexity
+    monkeypatch.setattr(qe, "perplexity", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(cfg2, raw2, progress=False)
+    monkeypatch.setattr(qe, "perplexity", real_ppl)
+    trained.clear()
+    (resumed,) = runner.run(cfg2, raw2, progress=False)
+    assert trained == []  # no step before evaluate ran again
+    assert resumed["perplexity"] == pytest.approx(rows[0]["perplexity"], rel=1e-6)
+
+
+def test_requantizing_uses_the_new_rules(tiny_model_dir):
+    import qjax
+    import qjax.numerics as qn
+
+    model, _ = load_pretrained(tiny_model_dir)
+    w8 = qjax.Rule(r"layers\..*", weight=qn.QuantSpec("int8", qn.per_axis(1)))
+    a8 = qjax.Rule(r"layers\..*", weight=qn.QuantSpec("int8", qn.per_axis(1)), act=qn.QuantSpec("int8", qn.per_token()))
+    qat = qjax.quantize(model, [qjax.Rule(r"layers\..*", weight=qn.QuantSpec("int4", qn.per_axis(1)))], "qat")
+    again = qjax.quantize(qat, [a8], "ptq")  # float weights: the new rule wins
+    ops = qjax.transforms.quantized_ops(again)
+    assert all(op.rule == a8 for op in ops.values()) and ops["layers.0.mlp.up_proj"].kernel.get_value().format.name == "int8"
+    packed = qjax.quantize(model, [w8], "ptq")
+    same_weights = qjax.quantize(packed, [a8], "ptq")  # packed weights kept: same weight spec, activations added
+    op = qjax.transforms.quantized_ops(same_weights)["layers.0.mlp.up_proj"]
+    assert op.rule.act is not None
+    np.testing.assert_array_equal(np.asarray(op.kernel.get_value().values),
+                                  np.asarray(qjax.transforms.quantized_ops(packed)["layers.0.mlp.up_proj"].kernel.get_value().values))
+    with pytest.raises(ValueError, match="already packed"):
+        qjax.quantize(packed, [qjax.Rule(r"layers\..*", weight=qn.QuantSpec("int4", qn.per_axis(1)))], "ptq")

@@ -76,7 +76,8 @@ def kl_range(h: Histogram, fmt_levels: int | Format | QuantSpec | str = 128, str
     For each candidate i in levels, levels+stride, ..., bins: P = counts[:i] with the outliers folded
     into bin i-1; Q = counts[:i] merged into `levels` bins (i // levels fine bins each, the remainder
     in the last) and spread back evenly over the bins where P is nonzero. Returns i·amax/bins for
-    the i minimising KL(P‖Q) (ties: the smallest). `fmt_levels`: an int or a format (`format_levels`).
+    the i minimising KL(P‖Q) (ties: the smallest); a candidate whose Q is empty where P holds folded
+    outliers scores +inf (no smoothing). `fmt_levels`: an int or a format (`format_levels`).
     """
     levels = fmt_levels if isinstance(fmt_levels, int) else format_levels(fmt_levels)
     bins = h.counts.shape[-1]

@@ -122,10 +122,14 @@ class QuantizedOp(nnx.Module):
         return tuple((value.values if isinstance(value, QArray) else value).shape[: self.n_stacked])
 
     # -- operands
-    def _activation(self, x: jax.Array):
+    def _activation(self, x: jax.Array, quantize: bool = True):
+        """The input after the online transform, quantized per the rule (unless `quantize` is False:
+        LLM.int8() decomposes the float input inside the matmul)."""
         rule, mode = self.rule, self.mode
         if self.input_transform is not None:
             x = self.input_transform.get_value().apply(x)
+        if not quantize:
+            return x
         if rule.act is not None and mode == "calibrate":
             stats = self.act_stats.get_value()
             self.act_stats.set_value(calibration.observe(stats, x, rule.observer, rule.ema_decay, rule.percentile))
@@ -147,6 +151,10 @@ class QuantizedOp(nnx.Module):
 
     def _matmul_mode(self) -> str:
         return matmul_mode(self.mode)
+
+    def _outlier_threshold(self) -> float | None:
+        """LLM.int8()'s threshold once activations are quantized (not while calibrating)."""
+        return None if self.mode == "calibrate" or self.rule.act is None else self.rule.outlier_threshold
 
     # -- rules, weights and transforms set by methods
     def set_rule(self, rule: Rule, mode: str) -> None:
@@ -241,10 +249,12 @@ class QLinear(QuantizedOp):
         self.convert(mode)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = self._activation(x)
+        threshold = self._outlier_threshold()
+        x = self._activation(x, quantize=threshold is None)
         w = self._weight()
         dims = (((x.ndim - 1,), (0,)), ((), ()))
-        y = qo.dot_general(x, w, dims, mode=self._matmul_mode(), preferred_element_type=self.dtype)
+        y = qo.dot_general(x, w, dims, mode=self._matmul_mode(), preferred_element_type=self.dtype,
+                           lhs_spec=None if threshold is None else self.rule.act, outlier_threshold=threshold)  # fmt: skip
         if self.bias is not None:
             y = y + self.bias.get_value()
         return self._output(y)
@@ -268,8 +278,10 @@ class QEinsum(QuantizedOp):
         self.convert(mode)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = self._activation(x)
-        y = qo.einsum(self.einsum_str, x, self._weight(), mode=self._matmul_mode(), preferred_element_type=self.dtype)
+        threshold = self._outlier_threshold()
+        x = self._activation(x, quantize=threshold is None)
+        y = qo.einsum(self.einsum_str, x, self._weight(), mode=self._matmul_mode(), preferred_element_type=self.dtype,
+                      lhs_spec=None if threshold is None else self.rule.act, outlier_threshold=threshold)  # fmt: skip
         if self.bias is not None:
             y = y + _einsum_bias_view(self.einsum_str, self.bias.get_value(), y.ndim)
         return self._output(y)

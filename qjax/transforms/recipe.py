@@ -75,6 +75,8 @@ class Rule:
             raise ValueError(f"unknown gradient rule {self.gradient!r}; expected 'ste', 'clipped_ste' or 'lsq'")
         if self.outlier_threshold is not None and not self.outlier_threshold > 0:
             raise ValueError(f"outlier_threshold must be positive, got {self.outlier_threshold}")
+        if self.outlier_threshold is not None and self.static_act:
+            raise ValueError("outlier_threshold (LLM.int8()) finds outliers per call: use dynamic activation scales, not static_act")
         if self.observer not in ("minmax", "ema", "percentile"):
             raise ValueError(f"unknown observer {self.observer!r}; expected 'minmax', 'ema' or 'percentile'")
         for name in ("weight", "act", "backward", "q", "k", "v", "p", "kv"):
