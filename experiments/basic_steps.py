@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+
+import jax
 
 import jax.numpy as jnp
 from flax import nnx
@@ -11,6 +14,7 @@ from tqdm.auto import tqdm
 import qjax
 from qjax.experiments.config import RuleConfig
 from qjax.experiments.pipeline import Context, register
+from qjax.transforms import QuantizedWeight
 from qjax.transforms.recipe import MODES
 
 
@@ -89,5 +93,13 @@ def evaluate_step(model, cfg: EvaluateConfig, ctx: Context):
         windows = ctx.require("eval_windows", "evaluate")
         ctx.metrics[cfg.prefix + "perplexity"] = perplexity(model, windows, batch_size=ctx.batch_size, desc=ctx.label,
                                                             progress=ctx.progress)  # fmt: skip
-    ctx.metrics[cfg.prefix + "weight_bytes"] = qjax.param_bytes(model)
+    transforms = qjax.param_bytes(model) - weight_bytes(model)
+    ctx.metrics[cfg.prefix + "weight_bytes"] = weight_bytes(model)
+    if transforms:
+        ctx.metrics[cfg.prefix + "online_transform_MB"] = transforms / 1e6  # stored rotations (DuQuant, Hadamard signs)
     return model
+
+
+def weight_bytes(model) -> int:
+    """Bytes of parameters and packed weights, without stored online transforms (reported on their own)."""
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param, QuantizedWeight)))

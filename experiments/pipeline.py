@@ -32,6 +32,11 @@ from qjax.experiments.schema import ConfigError, from_dict
 STEP_MODULES = (
     "basic_steps",
     "rotate",
+    "duquant",
+    "smoothquant",
+    "os_plus",
+    "range_calibration",
+    "gptq_step",
 )
 
 

@@ -130,8 +130,18 @@ def environment() -> dict:
 
 
 def summary_table(rows: list[dict]) -> str:
-    lines = ["| recipe | perplexity | weight MB | bits/param |", "|---|---|---|---|"]
-    lines += [f"| {r['recipe']} | {r['perplexity']:.3f} | {r['weight_MB']:.3f} | {r['bits_per_param']:.2f} |" for r in rows]
+    """Markdown table; `online MB` (stored online transforms) and `method s` (time of the steps before the
+    final evaluation, cached prefixes included) appear when some row has them."""
+    online = any(r.get("online_transform_MB") for r in rows)
+    head = "| recipe | perplexity | weight MB | bits/param |" + (" online MB |" if online else "") + " method s |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        method_s = sum(v for k, v in r.items() if k.startswith("time_") and not k.endswith("_evaluate"))
+        cells = [r["recipe"], f"{r['perplexity']:.3f}", f"{r['weight_MB']:.3f}", f"{r['bits_per_param']:.2f}"]
+        if online:
+            cells.append(f"{r.get('online_transform_MB', 0.0):.2f}")
+        cells.append(f"{method_s:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
