@@ -295,3 +295,23 @@ def report(run_dirs: list[str], out: str | None = None) -> str:
         plot(rows, out, "runs compared")
     return summary_table(rows)
 
+
+
+def publish(run_dir: str, out: str, command: str) -> str:
+    """A results page for `benchmarks/results/`: the command, device, versions and date of the run, its
+    summary table (and the plot beside it, same name .png). Returns the page's text."""
+    with open(os.path.join(run_dir, "env.json")) as f:
+        env = json.load(f)
+    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    if not rows:
+        raise ConfigError(f"no metrics found in {run_dir}")
+    import flax
+
+    name = os.path.basename(os.path.normpath(run_dir))
+    text = (f"# {name}\n\ncommand: `{command}`\n\ndevice: {env['device']}, jax {env['jax']}, flax {flax.__version__}, "
+            f"python {env['python']}, git {env['git'][:10]}, date {env['time']}\n\n{summary_table(rows)}\n\n"
+            "`method s`: wall time of the steps before evaluation (a prefix shared with an earlier recipe is read "
+            "from the run's cache and counts its original time); `online MB`: stored online transforms.\n")  # fmt: skip
+    _atomic_write(out, text)
+    plot(rows, os.path.splitext(out)[0] + ".png", name)
+    return text

@@ -16,6 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="compare finished runs in one table (and plot)")
     rep.add_argument("run_dirs", nargs="+")
     rep.add_argument("--plot", default=None, help="write a comparison plot here (png)")
+    pub = sub.add_parser("publish", help="write a run's results page (command, device, versions, table, plot)")
+    pub.add_argument("run_dir")
+    pub.add_argument("out", help="markdown file, e.g. benchmarks/results/outliers_smollm2_cpu.md")
+    pub.add_argument("--command", dest="cmdline", required=True, help="the command that produced the run")
     demo = sub.add_parser("demo", help="quantize a random MLP with several specs and print a table")
     demo.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -32,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         from qjax.experiments.runner import report
 
         print(report(args.run_dirs, args.plot))
+    elif args.command == "publish":
+        from qjax.experiments.runner import publish
+
+        print(publish(args.run_dir, args.out, args.cmdline))
     else:
         from qjax.demo import run_demo
 

@@ -129,6 +129,11 @@ def test_sweep_runs_the_grid_and_prints_one_table(tmp_path, tiny_model_dir, caps
     assert dirs == ["sw--data_seq_len_16", "sw--data_seq_len_32"]
     table = runner.report([str(tmp_path / "runs" / d) for d in dirs], str(tmp_path / "cmp.png"))
     assert table.count("/f |") == 2 and (tmp_path / "cmp.png").exists()
+    page = tmp_path / "results.md"
+    assert cli(["publish", str(tmp_path / "runs" / dirs[0]), str(page), "--command", "qjax run cfg.yaml"]) == 0
+    text = page.read_text()
+    assert "command: `qjax run cfg.yaml`" in text and "device: cpu" in text and "| f |" in text
+    assert (tmp_path / "results.png").exists()
     ppl = [json.loads(open(tmp_path / "runs" / d / "metrics.jsonl").readline())["perplexity"] for d in dirs]
     assert ppl[0] != ppl[1]
 
