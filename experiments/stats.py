@@ -129,9 +129,11 @@ class _Tap(nnx.Module):
         self.inner = inner
         self.observer = observer
         self.state = _Stat(observer.init(features))
+        self.bad = _Stat(jnp.zeros((), jnp.float32))  # NaN/Inf inputs: max/min reductions may skip them silently
 
     def __call__(self, x, *args, **kwargs):
         self.state.set_value(self.observer.update(self.state.get_value(), x))
+        self.bad.set_value(self.bad.get_value() + jnp.sum(~jnp.isfinite(x)).astype(jnp.float32))
         return self.inner(x, *args, **kwargs)
 
 
@@ -171,6 +173,7 @@ def collect(model: nnx.Module, batches: Iterable, where: Where, observer: Observ
     each batch. Stacked (scan_layers) Llama models are unstacked on the copy, so paths are per layer.
 
     `initial` gives per-path starting states instead of `observer.init` (e.g. `histogram_start`).
+    Non-finite inputs are counted for every tap and are an error naming the module (`desc` names the caller).
     """
     call = call or (lambda m, b: m(b))
     batches = list(batches)
@@ -202,6 +205,11 @@ def collect(model: nnx.Module, batches: Iterable, where: Where, observer: Observ
 
     for b in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
         run(model, jnp.asarray(b))
+    for s, tap in taps.items():
+        bad = int(tap.bad.get_value())
+        if bad:
+            raise ValueError(f"{desc}: the input of {s} contains {bad} NaN/Inf value(s) on the calibration data; "
+                             "its statistics would be meaningless")  # fmt: skip
     return {s: tap.state.get_value() for s, tap in taps.items()}
 
 

@@ -88,3 +88,7 @@ def test_collect_observers_against_numpy(tmp_path):
         stats.collect(model, batches, r"nothing", stats.absmax())
     with pytest.raises(ValueError, match="non-finite"):
         stats.check_finite({"a": jnp.array([1.0, jnp.nan])}, "smoothquant")
+    emb = model.embed_tokens.embedding
+    emb.set_value(emb.get_value().at[int(ids()[0, 0])].set(jnp.nan))
+    with pytest.raises(ValueError, match=r"gptq: the input of layers.0.fc1 contains \d+ NaN/Inf"):
+        stats.collect(model, batches, r"layers\.0\.fc1", stats.absmax(), desc="gptq")
