@@ -191,11 +191,13 @@ def duquant(model, cfg: DuQuantConfig, ctx: Context):
     embedded = [fam.embed(model, b) for b in batches]
     xs, auxes = [x for x, _ in embedded], {x.shape: aux for x, aux in embedded}
     rows = {"rows": _row_sum(batches[0].shape[1])} if cfg.calib == "activations" else {}
-    observer = stats.combine(absmax=stats.absmax(), **rows)
+    observer = stats.combine(absmax=stats.absmax(), bad=stats.nonfinite(), **rows)  # max may skip NaN: count them
     run = nnx.jit(lambda layer, x: fam.call_layer(layer, x, auxes[x.shape]))  # shapes are static under jit
     for i, layer in enumerate(tqdm(fam.layers(model), desc=f"{ctx.label}: duquant", disable=not ctx.progress, unit="layer")):
         st, xs = observe(layer, xs, [g.consumers[0] for g in groups], observer, run)
-        stats.check_finite(st, f"duquant (layer {i})")
+        bad = {p: int(v["bad"]) for p, v in st.items() if v["bad"]}
+        if bad:
+            raise ValueError(f"duquant (layer {i}): non-finite (NaN/Inf) inputs on the calibration data, count per module: {bad}")
         for k, g in enumerate(groups):
             transform_group(layer, fam, i, g, st[g.consumers[0]], cfg, jax.random.fold_in(ctx.key, i * len(groups) + k))
     return model

@@ -185,25 +185,27 @@ def run(cfg: RunConfig, raw: dict, *, progress: bool = True, source: str = "conf
     from qjax.data import calibration_windows, load_text, windows
 
     run_dir = os.path.join(cfg.output_dir, cfg.name)
-    os.makedirs(run_dir, exist_ok=True)
     resolved = yaml.safe_dump(raw, sort_keys=True)
     cfg_path = os.path.join(run_dir, "config.yaml")
     if os.path.exists(cfg_path):
         with open(cfg_path) as f:
             if f.read() != resolved:
                 raise ConfigError(f"{run_dir} holds a run with a different config; choose another name (name=...)")
-    else:
-        _atomic_write(cfg_path, resolved)
-    _atomic_write(os.path.join(run_dir, "env.json"), json.dumps(environment(), indent=2))
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     done = {r["recipe"]: r for r in read_metrics(metrics_path)}
+    model = tok = None
+    if any(r.name not in done for r in cfg.recipes):  # load and check everything before writing anything
+        model, tok = load_model(cfg)
+        check_steps(cfg, model, source)
+    os.makedirs(run_dir, exist_ok=True)
+    if not os.path.exists(cfg_path):
+        _atomic_write(cfg_path, resolved)
+    _atomic_write(os.path.join(run_dir, "env.json"), json.dumps(environment(), indent=2))
     _atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in done.values()))  # drop any torn line
 
     names = [r.name for r in cfg.recipes]
     todo = [r for r in cfg.recipes if r.name not in done]
     if todo:
-        model, tok = load_model(cfg)
-        check_steps(cfg, model, source)
         n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))  # of the model as given
         tokens = tok.encode(load_text(cfg.data.corpus, cfg.data.split))
         test = windows(tokens, cfg.data.seq_len, max_windows=cfg.data.max_windows)

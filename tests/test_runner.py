@@ -221,3 +221,18 @@ def test_requantizing_uses_the_new_rules(tiny_model_dir):
                                   np.asarray(qjax.transforms.quantized_ops(packed)["layers.0.mlp.up_proj"].kernel.get_value().values))
     with pytest.raises(ValueError, match="already packed"):
         qjax.quantize(packed, [qjax.Rule(r"layers\..*", weight=qn.QuantSpec("int4", qn.per_axis(1)))], "ptq")
+
+
+def test_a_step_that_cannot_apply_fails_before_any_work_and_keeps_the_run(tmp_path, tiny_model_dir):
+    cfg, raw = load_config(_config(tmp_path, tiny_model_dir, name="checked"))
+    runner.run(cfg, raw, progress=False)
+    run_dir = tmp_path / "runs" / "checked"
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != "env.json"}
+    bad = [{"name": "float"}, {"name": "osplus", "steps": [{"os_plus": {"shift": "on"}}]}]  # RMSNorm: no bias for the shift
+    path = _config(tmp_path, tiny_model_dir, name="checked2", recipes=bad)
+    with pytest.raises(ConfigError, match=r"recipe 'osplus', step 0 \(os_plus\): os_plus: shift='on'"):
+        runner.run(*load_config(path), progress=False)
+    assert not (tmp_path / "runs" / "checked2").exists()  # nothing written for a run that cannot start
+    assert cli(["run", path]) == 2
+    after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != "env.json"}
+    assert after == before
