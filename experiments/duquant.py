@@ -51,7 +51,7 @@ class DuQuantConfig:
     steps: greedy steps per rotation; shared: one b×b rotation for all blocks (the reference code) instead
     of one per block (the paper); permute: zigzag permutation between the rotations; smooth: the
     SmoothQuant-style Λ; calib: greedy statistic, "absmax" (smoothed per-channel max|x|) or "activations"
-    (smoothed mean calibration rows); targets: "all" linear inputs or only the "norms"-fed groups."""
+    (smoothed mean calibration rows; the greedy search then costs ~L times more); targets: "all" linear inputs or only the "norms"-fed groups."""
 
     block: int = 64
     alpha: float = 0.5

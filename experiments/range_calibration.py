@@ -12,8 +12,8 @@ every matched op whose rule has static activation scales, on the calibration bat
 
 Every range becomes a scale (and zero point) through `scale_from_range`, the rule all scales come from.
 An op with an online input transform is observed on the transformed input, which is what it quantizes
-(`stats.collect` taps a module's call argument, so each op is wrapped in an `_Observed` view whose probe
-sees the transformed value). Statistics come from the model as it arrives: in qat mode the earlier ops are
+(`stats.collect` taps a module's call argument, so each op is wrapped in an `_Observed` view whose probe,
+`<op>.quantized_input`, sees the transformed value). Statistics come from the model as it arrives: in qat mode the earlier ops are
 fake-quantized (each op sees what it will see once deployed), in calibrate mode the forward is float.
 `weights: mse` packs every matched weight with a per-tile MSE-optimal clip (`mse_clip_search`) instead of
 the spec's abs-max range. Finally every op is converted to `mode`.
@@ -22,8 +22,10 @@ the spec's abs-max range. Finally every op is converted to `mode`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -41,7 +43,7 @@ from qjax.transforms.recipe import MODES
 METHODS = ("minmax", "absmax", "percentile", "mse", "kl", "ema")
 HISTOGRAM_METHODS = ("percentile", "mse", "kl")
 WEIGHTS = ("absmax", "mse")
-PROBE = ".probe"
+PROBE = ".quantized_input"  # the probe's path under an op: what collect's errors name
 
 
 @dataclasses.dataclass
@@ -91,11 +93,11 @@ class _Observed(nnx.Module):
     """An op whose probe sees its activation after the op's online input transform."""
 
     def __init__(self, op: QuantizedOp):
-        self.op, self.probe = op, _Probe()
+        self.op, self.quantized_input = op, _Probe()
 
     def _see(self, x) -> None:
         t = self.op.input_transform
-        self.probe(x if t is None else t.get_value().apply(x))
+        self.quantized_input(x if t is None else t.get_value().apply(x))
 
     def __call__(self, x, *args, **kwargs):
         if not isinstance(self.op, QEmbed):  # an embedding's activation is the tied head's input (attend)
@@ -133,10 +135,12 @@ def _stat_shape(path: str, op: QuantizedOp, cfg: CalibrateConfig) -> tuple[int, 
     return shape
 
 
-def _threshold(h: R.Histogram, spec: QuantSpec, cfg: CalibrateConfig):
-    if cfg.method == "percentile":
-        return R.percentile_range(h, cfg.percentile)
-    return R.kl_range(h, spec) if cfg.method == "kl" else R.mse_range(h, spec)
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _threshold(h: R.Histogram, method: str, spec: QuantSpec, percentile: float) -> jax.Array:
+    """The histogram method's threshold t (jitted: one compilation serves every op of the same spec)."""
+    if method == "percentile":
+        return R.percentile_range(h, percentile)
+    return R.kl_range(h, spec) if method == "kl" else R.mse_range(h, spec)
 
 
 def activation_ranges(model, ops: dict[str, QuantizedOp], cfg: CalibrateConfig, ctx: Context) -> dict[str, tuple]:
@@ -148,7 +152,7 @@ def activation_ranges(model, ops: dict[str, QuantizedOp], cfg: CalibrateConfig, 
 
     def run(observer: stats.Observer, initial: dict) -> dict:
         found = stats.collect(view, batches, lambda p, m: p in where, observer, initial=initial,
-                              progress=ctx.progress, desc=f"{ctx.label}: calibrate")  # fmt: skip
+                              progress=ctx.progress, desc=f"{ctx.label}: calibrate" if ctx.label else "calibrate")  # fmt: skip
         missing = sorted(set(ops) - {p.removesuffix(PROBE) for p in found})
         if missing:
             raise ValueError(f"calibrate: {', '.join(missing)} never ran on the calibration batches")
@@ -157,9 +161,6 @@ def activation_ranges(model, ops: dict[str, QuantizedOp], cfg: CalibrateConfig, 
     kind = "ema" if cfg.method == "ema" else "minmax"
     observe = stats.Observer(lambda f: calibration.init_stats((f,)), lambda s, x: calibration.observe(s, x, kind, cfg.ema_decay))
     first = stats.check_finite(run(observe, {p + PROBE: calibration.init_stats(shapes[p]) for p in ops}), "calibrate")
-    for p, s in first.items():  # some backends' min/max skip NaN: the count catches them
-        if s["nonfinite"] > 0:
-            raise ValueError(f"calibrate: the input of {p} held {int(s['nonfinite'])} non-finite value(s) on the calibration batches")
     if cfg.method in ("minmax", "ema"):
         return {p: (s["min"], s["max"]) for p, s in first.items()}
     amax = {p: jnp.maximum(-s["min"], s["max"]) for p, s in first.items()}
@@ -167,7 +168,7 @@ def activation_ranges(model, ops: dict[str, QuantizedOp], cfg: CalibrateConfig, 
         return {p: (-a, a) for p, a in amax.items()}
     hist = stats.Observer(lambda f: R.histogram_init((), cfg.bins), lambda h, x: R.histogram_update(h, x, h.amax))
     found = run(hist, {p + PROBE: R.Histogram(jnp.zeros((cfg.bins,), jnp.float32), amax[p]) for p in ops})
-    t = {p: _threshold(h, ops[p].rule.act, cfg) for p, h in found.items()}
+    t = {p: _threshold(h, cfg.method, ops[p].rule.act, cfg.percentile) for p, h in found.items()}
     return {p: (-v, v) for p, v in stats.check_finite(t, "calibrate").items()}
 
 

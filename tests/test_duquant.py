@@ -1,4 +1,4 @@
-"""DuQuant step: exact in float on llama/qwen2/opt, smoothing equal to a numpy reference, W4A4 gain, errors."""
+"""DuQuant step: exact in float on llama/qwen2/opt/gpt2, smoothing equal to a numpy reference, W4A4 gain, errors."""
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +40,7 @@ def transform(op):
     return op.input_transform.get_value()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "opt"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt", "gpt2"])
 @pytest.mark.parametrize("shared", [False, True])
 def test_float_logits_unchanged_and_every_linear_transformed(models, family, shared):
     model = models(family)
@@ -49,17 +49,17 @@ def test_float_logits_unchanged_and_every_linear_transformed(models, family, sha
     assert rel_err(out(ids()), ref) < 1e-4
     fam = family_of(out)
     for i in range(2):
-        ops = {p: o for p, o in quantized_ops(out).items() if p.startswith(f"layers.{i}.")}
+        ops = {p: o for p, o in quantized_ops(out).items() if p.startswith(fam.layer_path(i) + ".")}
         assert sorted(ops) == sorted(fam.layer_path(i, p) for p in fam.linears)  # every linear has an online map
-        q = transform(ops[fam.layer_path(i, "self_attn.q_proj")])
+        q = transform(ops[fam.layer_path(i, fam.groups(out)[0].consumers[0])])  # q_proj / c_attn
         assert isinstance(q, Compose) and [type(m) for m in q.maps] == [Rotation, Permutation, Rotation]
         r1 = np.asarray(q.maps[0].blocks)
         assert r1.shape == (2, 32, 32)  # hidden 64 in blocks of 32
         np.testing.assert_allclose(r1 @ np.swapaxes(r1, 1, 2), np.broadcast_to(np.eye(32), r1.shape), atol=1e-5)
         assert np.array_equal(r1[0], r1[1]) == shared  # one rotation shared by the blocks vs one per block
         assert not np.allclose(r1[0], np.eye(32), atol=0.1)
-    if family == "opt":  # fc2 has no producer that could absorb Λ: the whole map runs online
-        assert type(transform(ops[fam.layer_path(1, "fc2")]).maps[0]) is ChannelScale
+    if family in ("opt", "gpt2"):  # fc2 / mlp.c_proj: no producer can absorb Λ (an activation between), all online
+        assert type(transform(ops[fam.layer_path(1, fam.linears[-1])]).maps[0]) is ChannelScale
     assert rel_err(model(ids()), ref) == 0.0  # the input model was not modified
 
 
