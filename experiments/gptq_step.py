@@ -109,7 +109,7 @@ def _transformed_hessian(h: np.ndarray, module) -> np.ndarray:
     return m.T @ h @ m
 
 
-def _install(layer, rel: str, path: str, spec: QuantSpec, weight: QArray) -> None:
+def install_weight(layer, rel: str, path: str, spec: QuantSpec, weight: QArray) -> None:
     """Make the linear at `rel` a quantized op with weight spec `spec` (float activations) holding `weight`."""
     module = get_module(layer, rel)
     op = module if isinstance(module, QuantizedOp) else float_op(module, path)
@@ -149,7 +149,7 @@ def gptq_step(model, cfg: GPTQConfig, ctx: Context):
                 h = _transformed_hessian(np.asarray(stats.hessian(xtx[rel]), np.float64), module)
                 qa, info = gptq_quantize(module.kernel.get_value(), h, spec, block_size=cfg.block_size, act_order=cfg.act_order,
                                          static_groups=cfg.static_groups, damp=cfg.damp, path=path)  # fmt: skip
-                _install(layer, rel, path, spec, qa)
+                install_weight(layer, rel, path, spec, qa)
                 retries, error, damp_max, count = retries + info.retries, error + info.error, max(damp_max, info.damp), count + 1
         hidden = [run(layer, x) for x in hidden]
     ctx.metrics.update(gptq_linears=count, gptq_retries=retries, gptq_error=error, gptq_damp_max=damp_max)

@@ -37,6 +37,8 @@ STEP_MODULES = (
     "os_plus",
     "range_calibration",
     "gptq_step",
+    "mixed_precision",
+    "awq",
 )
 
 
