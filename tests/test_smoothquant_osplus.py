@@ -129,7 +129,7 @@ def test_bad_configs_and_unsupported_cases_are_clear_errors(tmp_path):
         Step.from_config("smoothquant", "steps.0", "test.yaml").check(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
     emb = model.embed_tokens.embedding
     emb.set_value(emb.get_value().at[int(CAL[0, 0])].set(jnp.nan))
-    with pytest.raises(ValueError, match="smoothquant: statistics of layers.0.* non-finite"):
+    with pytest.raises(ValueError, match=r"the input of .* contains \d+ NaN/Inf"):
         smoothquant(model, SmoothQuantConfig(), BATCHES)
 
 
