@@ -32,12 +32,14 @@ class RotateConfig:
     residual: rotate the residual stream (norms are folded either way).
     online_down_proj: an online Hadamard of the MLP width before every down_proj.
     online_o_proj: an online Hadamard per head (block-diagonal over the heads) before every o_proj.
+    online_qk: a Hadamard over head_dim applied to q and k after RoPE (for quantized q/k/KV cache).
     untie_head: give a tied-embedding model its own lm_head (costs vocab × d extra parameters)."""
 
     kind: str = "hadamard"
     residual: bool = True
     online_down_proj: bool = True
     online_o_proj: bool = False
+    online_qk: bool = False
     untie_head: bool = True
 
     def __post_init__(self):
@@ -154,4 +156,6 @@ def rotate(model, cfg: RotateConfig, ctx: Context):
         if cfg.online_o_proj:
             attach_online(layer, "self_attn.o_proj", fam.layer_path(i, "self_attn.o_proj"),
                           head_hadamard(c.num_attention_heads, c.dim_per_head))  # fmt: skip
+        if cfg.online_qk:
+            layer.self_attn.attn.set_qk_transform(hadamard_rotation(c.dim_per_head))
     return model

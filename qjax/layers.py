@@ -23,6 +23,15 @@ class AttentionOp(nnx.Module):
         self.p_scale = None
         self.k_smooth = False
         self.mode = "fake"
+        self.qk_transform = nnx.data(None)
+
+    def set_qk_transform(self, m) -> None:
+        """Apply an orthogonal map `m` (over head_dim) to q and k before they are quantized (QuaRot's online
+        Hadamard after RoPE): (q H)(k H)ᵀ = q kᵀ, so attention is unchanged in float while the quantized
+        q/k (and a quantized KV cache fed from them) see spread-out outliers."""
+        from qjax.transforms.nnx_modules import OnlineTransform
+
+        self.qk_transform = OnlineTransform(m)
 
     def configure(self, q=None, k=None, v=None, p=None, p_scale=None, k_smooth=False, mode="fake") -> None:
         """Set the operand specs (called by `qjax.quantize` for rules with op="attention")."""
@@ -30,6 +39,9 @@ class AttentionOp(nnx.Module):
         self.p_scale, self.k_smooth, self.mode = p_scale, k_smooth, mode
 
     def __call__(self, q, k, v, *, mask=None, causal=False, scale=None):
+        if self.qk_transform is not None:
+            m = self.qk_transform.get_value()
+            q, k = m.apply(q), m.apply(k)
         return attention(
             q, k, v, mask=mask, causal=causal, scale=scale, q_spec=self.q_spec, k_spec=self.k_spec,
             v_spec=self.v_spec, p_spec=self.p_spec, p_scale=self.p_scale, k_smooth=self.k_smooth, mode=self.mode,

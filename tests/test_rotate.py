@@ -43,8 +43,9 @@ def _outlier_ratios(model) -> tuple[float, float]:
 def test_float_logits_unchanged(tmp_path, family, kind, online):
     model = load_tiny(tmp_path, family)
     ref = model(ids())
-    out = _rotate(model, kind=kind, online_down_proj=online, online_o_proj=online)
+    out = _rotate(model, kind=kind, online_down_proj=online, online_o_proj=online, online_qk=online)
     assert rel_err(out(ids()), ref) < 1e-4
+    assert (out.layers[0].self_attn.attn.qk_transform is not None) == online
     # norms folded, head untied, and the embedding really rotated: E_new = E_old Q with Q orthogonal
     for norm in [out.norm] + [m for layer in out.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]:
         np.testing.assert_array_equal(np.asarray(norm.scale.get_value()), 1.0)

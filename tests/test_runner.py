@@ -236,3 +236,11 @@ def test_a_step_that_cannot_apply_fails_before_any_work_and_keeps_the_run(tmp_pa
     assert cli(["run", path]) == 2
     after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != "env.json"}
     assert after == before
+
+
+@pytest.mark.parametrize("name", ["quickstart", "outliers", "outliers_duquant_ablation"])
+def test_shipped_configs_load_and_every_step_fits_the_embedded_model(name):
+    # the real-model configs run as written; with model.source=embedded they also fit the shipped model
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.yaml")
+    cfg, _ = load_config(path, ["model.source=embedded"])
+    runner.check_steps(cfg, load_pretrained(runner.embedded_model_dir())[0], path)
