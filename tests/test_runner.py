@@ -238,7 +238,7 @@ def test_a_step_that_cannot_apply_fails_before_any_work_and_keeps_the_run(tmp_pa
     assert after == before
 
 
-@pytest.mark.parametrize("name", ["quickstart", "outliers", "outliers_duquant_ablation"])
+@pytest.mark.parametrize("name", ["quickstart", "outliers", "outliers_duquant_ablation", "weight_ptq"])
 def test_shipped_configs_load_and_every_step_fits_the_embedded_model(name):
     # the real-model configs run as written; with model.source=embedded they also fit the shipped model
     path = os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.yaml")
