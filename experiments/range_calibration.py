@@ -166,8 +166,7 @@ def activation_ranges(model, ops: dict[str, QuantizedOp], cfg: CalibrateConfig, 
     amax = {p: jnp.maximum(-s["min"], s["max"]) for p, s in first.items()}
     if cfg.method == "absmax":
         return {p: (-a, a) for p, a in amax.items()}
-    hist = stats.Observer(lambda f: R.histogram_init((), cfg.bins), lambda h, x: R.histogram_update(h, x, h.amax))
-    found = run(hist, {p + PROBE: R.Histogram(jnp.zeros((cfg.bins,), jnp.float32), amax[p]) for p in ops})
+    found = run(stats.histogram(cfg.bins), {p + PROBE: stats.histogram_start(amax[p], cfg.bins) for p in ops})
     t = {p: _threshold(h, cfg.method, ops[p].rule.act, cfg.percentile) for p, h in found.items()}
     return {p: (-v, v) for p, v in stats.check_finite(t, "calibrate").items()}
 

@@ -20,6 +20,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from qjax.models.structure import unstack_layers
+from qjax.numerics import ranges
 from qjax.transforms.nnx_modules import set_child
 from qjax.transforms.nnx_quantize import path_str
 
@@ -75,21 +76,15 @@ def xtx() -> Observer:
 
 
 def histogram(bins: int = 2048) -> Observer:
-    """Per-tensor histogram of |x| over [0, amax]; values above amax land in the last bin. Start it from
-    `histogram_start(amax, bins)` (amax from a previous `absmax` pass) through `collect(..., initial=)`.
-    Used by percentile and KL (entropy) calibration."""
-
-    def update(s, x):
-        a = jnp.abs(_rows(x)).reshape(-1)
-        idx = jnp.clip((a / jnp.maximum(s["amax"], 1e-30) * bins).astype(jnp.int32), 0, bins - 1)
-        return {"counts": s["counts"].at[idx].add(1.0), "amax": s["amax"]}
-
-    return Observer(lambda f: histogram_start(0.0, bins), update)
+    """Per-tensor histogram of |x| over [0, amax] (`qjax.numerics.ranges`); values above amax land in the
+    last bin. Start it from `histogram_start(amax, bins)` (amax from a previous `absmax` pass) through
+    `collect(..., initial=)`. Used by percentile, MSE and KL (entropy) calibration."""
+    return Observer(lambda f: ranges.histogram_init((), bins), lambda h, x: ranges.histogram_update(h, x, h.amax))
 
 
-def histogram_start(amax, bins: int = 2048) -> dict:
+def histogram_start(amax, bins: int = 2048) -> ranges.Histogram:
     """An empty histogram over [0, max(amax)]."""
-    return {"counts": jnp.zeros((bins,), jnp.float32), "amax": jnp.max(jnp.asarray(amax, jnp.float32))}
+    return ranges.Histogram(jnp.zeros((bins,), jnp.float32), jnp.max(jnp.asarray(amax, jnp.float32)))
 
 
 def nonfinite() -> Observer:

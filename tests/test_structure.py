@@ -82,8 +82,8 @@ def test_collect_observers_against_numpy(tmp_path):
     hist = stats.collect(model, batches, r"layers\.0\.fc1", stats.histogram(64),
                          initial={"layers.0.fc1": stats.histogram_start(got["absmax"], 64)})["layers.0.fc1"]
     ref, _ = np.histogram(np.minimum(np.abs(x), np.abs(x).max() * (1 - 1e-7)), bins=64, range=(0, np.abs(x).max()))
-    assert abs(int(np.asarray(hist["counts"]).sum()) - x.size) == 0
-    assert np.abs(np.asarray(hist["counts"]) - ref).sum() <= 4  # bin-edge rounding only
+    assert abs(int(np.asarray(hist.counts).sum()) - x.size) == 0
+    assert np.abs(np.asarray(hist.counts) - ref).sum() <= 4  # bin-edge rounding only
     with pytest.raises(ValueError, match="no module path matches"):
         stats.collect(model, batches, r"nothing", stats.absmax())
     with pytest.raises(ValueError, match="non-finite"):
