@@ -174,10 +174,15 @@ def transform_group(layer, fam, i: int, g: Group, st: dict, cfg: DuQuantConfig, 
         s = np.ones(group_width(layer, g), np.float32)
         s[g.consumer_index(a.size)] = np.asarray(scale)  # equal on repeats (tied statistics)
         fold_scale(layer, g, jnp.asarray(s))
+    shared = None
     for rel, path in zip(g.consumers, paths, strict=True):
         op = float_op(get_module(layer, rel), path)
         set_child(layer, tuple(rel.split(".")), op)
         op.add_input_transform(m)
+        if shared is None:
+            shared = op.input_transform
+        else:  # one stored map per group (q/k/v read the same input): the same variable, counted once
+            op.input_transform = shared
 
 
 @register("duquant", DuQuantConfig, check=check)

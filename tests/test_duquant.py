@@ -153,3 +153,26 @@ def test_clear_errors(models):
     table.set_value(table.get_value().at[int(CAL[0, 0])].set(jnp.inf))
     with pytest.raises(ValueError, match=r"duquant \(layer 0\).*non-finite"):
         run(broken, "duquant")
+
+
+def test_consumers_of_one_input_share_one_stored_map(tmp_path):
+    import qjax
+    from qjax.experiments.basic_steps import weight_bytes
+
+    model = load_tiny(tmp_path, "llama")
+    cal = np.asarray(ids())
+    out, _ = run_steps(model, [Step.from_config({"duquant": {"block": 32}}, "steps.0", "x.yaml")],
+                       Context(key=jax.random.key(0), calibration=cal, batch_size=2, progress=False))  # fmt: skip
+    attn = out.layers[0].self_attn
+    assert attn.q_proj.input_transform is attn.k_proj.input_transform is attn.v_proj.input_transform
+    assert out.layers[0].mlp.gate_proj.input_transform is out.layers[0].mlp.up_proj.input_transform
+
+    def nbytes(op):
+        return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(op.input_transform.get_value()))
+
+    stored = qjax.param_bytes(out) - weight_bytes(out)
+    distinct = sum(nbytes(op) for lay in out.layers
+                   for op in (lay.self_attn.q_proj, lay.self_attn.o_proj, lay.mlp.gate_proj, lay.mlp.down_proj))  # fmt: skip
+    every_consumer = distinct + sum(nbytes(op) for lay in out.layers
+                                    for op in (lay.self_attn.k_proj, lay.self_attn.v_proj, lay.mlp.up_proj))  # fmt: skip
+    assert stored == distinct < every_consumer  # one stored map per group, counted once
