@@ -44,6 +44,7 @@ from qjax.experiments import stats
 from qjax.experiments.config import SpecConfig
 from qjax.experiments.gptq_step import install_weight
 from qjax.experiments.gptq_step import matched_linears
+from qjax.experiments.schema import check_regex
 from qjax.experiments.pipeline import Context, register
 from qjax.experiments.smoothquant import GROUP_CHOICES, LayerInputs, consumer_kernel, selected_groups, sequential
 from qjax.models.structure import Group, family_of, fold_scale, get_module, group_width, unstack_layers
@@ -75,10 +76,7 @@ class AWQConfig:
 
     def __post_init__(self):
         for name in ("pattern", "clip_skip"):
-            try:
-                re.compile(getattr(self, name) or "")
-            except re.error as e:
-                raise ValueError(f"awq: {name} {getattr(self, name)!r} is not a valid regex: {e}") from None
+            check_regex(getattr(self, name) or "", f"awq: {name}")
         if self.ratio_grid < 1 or self.clip_grid < 1:
             raise ValueError(f"awq: ratio_grid and clip_grid must be >= 1, got {self.ratio_grid} and {self.clip_grid}")
         if not 0.0 < self.clip_min <= 1.0:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-
-import jax
 
 import jax.numpy as jnp
 from flax import nnx
@@ -102,4 +99,4 @@ def evaluate_step(model, cfg: EvaluateConfig, ctx: Context):
 
 def weight_bytes(model) -> int:
     """Bytes of parameters and packed weights, without stored online transforms (reported on their own)."""
-    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param, QuantizedWeight)))
+    return qjax.param_bytes(model, nnx.Param, QuantizedWeight)

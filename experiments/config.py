@@ -15,7 +15,6 @@ An `evaluate` step is appended to every recipe that does not end with one.
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import yaml
 
@@ -89,11 +88,7 @@ class RuleConfig:
     skip: bool = False
 
     def __post_init__(self):
-        try:
-            re.compile(self.pattern)
-        except re.error as e:
-            raise ValueError(f"pattern {self.pattern!r} is not a valid regex: {e}") from None
-        self.to_rule()
+        self.to_rule()  # qjax.Rule validates the pattern, op and specs
 
     def to_rule(self):
         import qjax

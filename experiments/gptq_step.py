@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from qjax.experiments import stats
 from qjax.experiments.config import SpecConfig
 from qjax.experiments.gptq import gptq_quantize
+from qjax.experiments.schema import check_regex
 from qjax.experiments.pipeline import Context, register
 from qjax.models.structure import FamilyMap, family_of, get_module, unstack_layers
 from qjax.numerics import QArray, QuantSpec
@@ -48,10 +49,7 @@ class GPTQConfig:
     damp: float = 0.01  # relative to mean diag H; ×10 per retry (3 retries) if H is not positive definite
 
     def __post_init__(self):
-        try:
-            re.compile(self.pattern)
-        except re.error as e:
-            raise ValueError(f"gptq: pattern {self.pattern!r} is not a valid regex: {e}") from None
+        check_regex(self.pattern, "gptq: pattern")
         if self.block_size < 1 or not self.damp > 0:
             raise ValueError(f"gptq needs block_size >= 1 and damp > 0, got block_size={self.block_size}, damp={self.damp}")
         if self.weight.rounding != "nearest":

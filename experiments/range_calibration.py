@@ -31,6 +31,7 @@ from flax import nnx
 
 import qjax
 from qjax.experiments import stats
+from qjax.experiments.schema import check_regex
 from qjax.experiments.pipeline import Context, register
 from qjax.numerics import QArray, QuantSpec, quantize
 from qjax.numerics import ranges as R
@@ -76,10 +77,7 @@ class CalibrateConfig:
             raise ValueError(f"calibrate: mode must be one of {MODES}, got {self.mode!r}")
         if self.weights == "mse" and self.mode not in ("ptq", "serve"):
             raise ValueError(f"calibrate: weights='mse' packs the weights, so mode must be 'ptq' or 'serve', got {self.mode!r}")
-        try:
-            re.compile(self.pattern)
-        except re.error as e:
-            raise ValueError(f"calibrate: pattern {self.pattern!r} is not a valid regex: {e}") from None
+        check_regex(self.pattern, "calibrate: pattern")
 
 
 class _Probe(nnx.Module):

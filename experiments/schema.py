@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any
@@ -81,3 +82,11 @@ def apply_override(data: dict, assignment: str) -> dict:
     else:
         node[last] = value
     return data
+
+
+def check_regex(pattern: str, what: str) -> None:
+    """A clear ValueError (naming `what`) for a pattern that does not compile."""
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{what} {pattern!r} is not a valid regex: {e}") from None

@@ -47,10 +47,10 @@ def quantize(model, recipe: Recipe | list[Rule], mode: str = "qat"):
     raise TypeError(f"quantize expects a Flax NNX or Linen module, got {type(model).__name__}")
 
 
-def param_bytes(model: nnx.Module) -> int:
+def param_bytes(model: nnx.Module, *filters) -> int:
     """Bytes held by a model's parameters, packed weights (QArrays count their packed size) and stored
-    online transforms (rotation blocks, Hadamard signs)."""
-    state = nnx.state(model, nnx.Param, QuantizedWeight, OnlineTransform)
+    online transforms (rotation blocks, Hadamard signs); or by the variables of the given NNX filters."""
+    state = nnx.state(model, *(filters or (nnx.Param, QuantizedWeight, OnlineTransform)))
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state))
 
 
